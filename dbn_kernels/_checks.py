@@ -1,0 +1,64 @@
+"""Input validation shared by every backend, run before any buffer is touched.
+
+Messages follow PyTorch's where PyTorch has one, so code that matches on them keeps working.
+Everything here reads shapes, dtypes and devices only: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_rank(x: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
+    """PyTorch's ``_check_input_dim`` message: ``expected 4D input (got 3D input)``."""
+    if x.dim() not in expected:
+        raise ValueError(f"expected {what} input (got {x.dim()}D input)")
+
+
+def check_call(x, *, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+               num_batches_tracked, training, momentum, eps, needs_counter) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"expected an input of shape (N, C, *), got {x.dim()}D input")
+    if x.dtype not in INPUT_DTYPES:
+        raise RuntimeError(
+            f"input dtype {x.dtype} is not supported; expected one of "
+            + ", ".join(str(d) for d in INPUT_DTYPES))
+    C = x.shape[1]
+    per_channel = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                   ("running_var", running_var), ("dbn_mean", dbn_mean), ("dbn_std", dbn_std))
+    for name, t in per_channel:
+        if t is None:
+            continue
+        if t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+        if t.device != x.device:
+            raise RuntimeError(f"{name} is on {t.device} but the input is on {x.device}")
+        if not t.is_floating_point():
+            raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in (torch.float32, x.dtype):
+            raise RuntimeError(
+                f"{name} has dtype {t.dtype}; with {x.dtype} input it must be float32 or {x.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if (dbn_mean is None) != (dbn_std is None):
+        raise ValueError("dbn_mean and dbn_std must be given together")
+    if num_batches_tracked is not None and num_batches_tracked.device != x.device:
+        raise RuntimeError(
+            f"num_batches_tracked is on {num_batches_tracked.device} but the input is on {x.device}")
+    if training and needs_counter and num_batches_tracked is None:
+        raise ValueError("num_batches_tracked is required to count steps (DBN statistics or "
+                         "momentum=None)")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if momentum is not None and not (isinstance(momentum, (int, float))
+                                     and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
+    if training and x.numel() > 0 and x.numel() // C == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.size()}")

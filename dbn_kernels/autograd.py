@@ -1,0 +1,53 @@
+"""The autograd seam: one ``torch.autograd.Function`` for every backend.
+
+Forward runs the backend's ``train_forward`` or ``eval_forward`` op and saves the same tensors
+whatever the backend; backward runs the backend's ``backward`` op. Swapping a backend never
+touches this file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import op
+
+
+class DiminishingBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
+                grad_through_stats, backend):
+        if training:
+            y, mean, invstd, batch_mean, batch_invstd, alpha = op(backend, "train_forward")(
+                x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                num_batches_tracked, momentum, eps, *alpha_params)
+        else:
+            # Stored statistics are constants: the backward is affine (a_g = 0), so the batch
+            # statistics it would read are never used and the stored ones stand in.
+            if eval_stats == "dbn":
+                mean, spread, spread_is_std = dbn_mean, dbn_std, True
+            else:
+                mean, spread, spread_is_std = running_mean, running_var, False
+            y, invstd = op(backend, "eval_forward")(x, weight, bias, mean, spread, eps,
+                                                    spread_is_std)
+            batch_mean, batch_invstd, alpha = mean, invstd, invstd
+            grad_through_stats = False
+        ctx.save_for_backward(x, weight, mean, invstd, batch_mean, batch_invstd, alpha)
+        ctx.grad_through_stats = grad_through_stats
+        ctx.backend = backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = op(ctx.backend, "backward")(
+            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+            ctx.grad_through_stats, need_x)
+        return (
+            grad_x if need_x else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(ctx.bias_dtype) if need_b else None,
+            *([None] * 12),
+        )

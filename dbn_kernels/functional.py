@@ -1,0 +1,90 @@
+"""Functional forms of the layers. The modules are thin wrappers around these."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._checks import check_call
+from .autograd import DiminishingBatchNormFunction
+from .schedules import AlphaLike, HostSchedule, as_schedule
+
+__all__ = ["batch_norm", "diminishing_batch_norm"]
+
+EVAL_STATS = ("dbn", "running")
+_BN_SCHEDULE = (1.0, 0.0, 0.0)  # a_k = 1: plain batch norm
+
+
+def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+               num_batches_tracked, *, training, momentum, eps, alpha_params, eval_stats,
+               grad_through_stats, backend):
+    use_batch_stats = training or (running_mean is None and dbn_mean is None)
+    if not use_batch_stats:
+        stats = dbn_mean if eval_stats == "dbn" else running_mean
+        if stats is None:
+            raise ValueError(f"eval_stats={eval_stats!r} needs its buffers, which are None")
+    check_call(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+               dbn_mean=dbn_mean, dbn_std=dbn_std, num_batches_tracked=num_batches_tracked,
+               training=use_batch_stats, momentum=momentum, eps=eps,
+               needs_counter=training and (dbn_mean is not None or momentum is None))
+    if not training:
+        # Buffers change in training only. Batch statistics in eval (no buffers to read) are a
+        # training step with every update switched off.
+        num_batches_tracked = None
+    if x.numel() == 0:
+        # PyTorch: an empty batch gives an empty output, leaves the statistics alone and still
+        # counts a step.
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        y = x * (1 if weight is None else weight.view(shape))
+        return y if bias is None else y + bias.view(shape)
+    name = backends.resolve(backend, x.device)
+    return DiminishingBatchNormFunction.apply(
+        x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
+        use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name)
+
+
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
+               running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, training: bool = False,
+               momentum: float | None = 0.1, eps: float = 1e-5, *,
+               num_batches_tracked: torch.Tensor | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """``torch.nn.functional.batch_norm`` on the project's kernels.
+
+    Unlike PyTorch's functional form this one counts steps itself: pass ``num_batches_tracked``
+    and it is incremented on the device in training (required for ``momentum=None``, PyTorch's
+    cumulative average, which needs k without a host round trip).
+    """
+    return _normalize(input, weight, bias, running_mean, running_var, None, None,
+                      num_batches_tracked, training=training, momentum=momentum, eps=eps,
+                      alpha_params=_BN_SCHEDULE, eval_stats="running",
+                      grad_through_stats=True, backend=backend)
+
+
+def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std: torch.Tensor,
+                           num_batches_tracked: torch.Tensor,
+                           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                           running_mean: torch.Tensor | None = None,
+                           running_var: torch.Tensor | None = None, training: bool = False,
+                           alpha: AlphaLike = 0.25, momentum: float | None = 0.1,
+                           eps: float = 1e-5, *, eval_stats: str = "dbn",
+                           grad_through_stats: bool = True,
+                           backend: str = "auto") -> torch.Tensor:
+    """Diminishing batch norm (SPEC §2): normalise with the a_k-weighted average of the batch
+    mean and standard deviation, kept in ``dbn_mean``/``dbn_std`` and updated in training.
+    PyTorch's ``running_mean``/``running_var`` are updated alongside when given."""
+    if eval_stats not in EVAL_STATS:
+        raise ValueError(f"eval_stats must be one of {EVAL_STATS}, got {eval_stats!r}")
+    if dbn_mean is None or dbn_std is None or num_batches_tracked is None:
+        raise ValueError("diminishing_batch_norm needs dbn_mean, dbn_std and num_batches_tracked")
+    schedule = as_schedule(alpha)
+    if isinstance(schedule, HostSchedule):
+        alpha_params = schedule.params_at(num_batches_tracked) if training else _BN_SCHEDULE
+    else:
+        alpha_params = schedule.params
+    return _normalize(input, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                      num_batches_tracked, training=training, momentum=momentum, eps=eps,
+                      alpha_params=alpha_params, eval_stats=eval_stats,
+                      grad_through_stats=bool(grad_through_stats), backend=backend)

@@ -1,0 +1,186 @@
+"""Drop-in modules: subclasses of ``torch.nn.BatchNorm1d/2d/3d`` on the project's kernels.
+
+``BatchNorm*d`` has exactly PyTorch's parameters, buffers and state_dict. ``DiminishingBatchNorm*d``
+adds the buffers ``dbn_mean`` and ``dbn_std``; a plain batch-norm checkpoint (which lacks them)
+loads under ``strict=True`` and seeds them from the running statistics.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from . import backends
+from ._checks import check_rank
+from .functional import EVAL_STATS, batch_norm, diminishing_batch_norm
+from .schedules import AlphaLike, as_schedule
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DiminishingBatchNorm1d",
+           "DiminishingBatchNorm2d", "DiminishingBatchNorm3d"]
+
+# torch >= 2.12 takes `bias=` itself; on 2.11 the same parameter layout is built here.
+_TORCH_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
+
+_RANKS = {1: ((2, 3), "2D or 3D"), 2: ((4,), "4D"), 3: ((5,), "5D")}
+
+
+class _ProjectNorm:
+    """What the plain and the Diminishing layers share: construction, rank check, backend."""
+
+    _dims: int
+
+    def _setup(self, torch_cls, num_features, eps, momentum, affine, track_running_stats,
+               device, dtype, bias, backend):
+        kwargs = {"device": device, "dtype": dtype}
+        if _TORCH_HAS_BIAS_KWARG:
+            kwargs["bias"] = bias
+        torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                           **kwargs)
+        if affine and not bias and self.bias is not None:
+            self.register_parameter("bias", None)
+        self.backend = backends.validate_name(backend)
+
+    def _check_input_dim(self, input):
+        ranks, what = _RANKS[self._dims]
+        check_rank(input, ranks, what)
+
+    def _updates_buffers(self) -> bool:
+        return self.training and self.track_running_stats
+
+
+class _BatchNormMixin(_ProjectNorm):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, bias: bool = True, backend: str = "auto") -> None:
+        self._setup(self._torch_cls, num_features, eps, momentum, affine, track_running_stats,
+                    device, dtype, bias, backend)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        tracked = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight, self.bias, self.training, self.momentum, self.eps,
+            num_batches_tracked=self.num_batches_tracked if self._updates_buffers() else None,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+
+class _DiminishingMixin(_ProjectNorm):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, bias: bool = True, alpha: AlphaLike = 0.25, eval_stats: str = "dbn",
+                 grad_through_stats: bool = True, backend: str = "auto") -> None:
+        if not track_running_stats:
+            raise ValueError(
+                f"{type(self).__name__} keeps its averaged statistics in buffers and needs "
+                "track_running_stats=True; use BatchNorm with track_running_stats=False for "
+                "batch statistics only")
+        self._setup(self._torch_cls, num_features, eps, momentum, affine, track_running_stats,
+                    device, dtype, bias, backend)
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("dbn_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("dbn_std", torch.ones(num_features, **factory))
+        self.alpha = alpha
+        self.eval_stats = eval_stats
+        self.grad_through_stats = grad_through_stats
+
+    # alpha and eval_stats are plain attributes a user may change between steps; assignment
+    # validates so that a bad value fails where it is set, naming the argument.
+    @property
+    def alpha(self):
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: AlphaLike) -> None:
+        self._alpha = as_schedule(value)
+
+    @property
+    def eval_stats(self) -> str:
+        return self._eval_stats
+
+    @eval_stats.setter
+    def eval_stats(self, value: str) -> None:
+        if value not in EVAL_STATS:
+            raise ValueError(f"eval_stats must be one of {EVAL_STATS}, got {value!r}")
+        self._eval_stats = value
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if hasattr(self, "dbn_mean"):
+            self.dbn_mean.zero_()
+            self.dbn_std.fill_(1.0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return diminishing_batch_norm(
+            input, self.dbn_mean, self.dbn_std, self.num_batches_tracked, self.weight, self.bias,
+            self.running_mean, self.running_var, self.training, self._alpha, self.momentum,
+            self.eps, eval_stats=self._eval_stats, grad_through_stats=self.grad_through_stats,
+            backend=self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A plain batch-norm checkpoint: start the averages from its running statistics.
+        mean_key, std_key = prefix + "dbn_mean", prefix + "dbn_std"
+        rm_key, rv_key = prefix + "running_mean", prefix + "running_var"
+        if mean_key not in state_dict and std_key not in state_dict \
+                and rm_key in state_dict and rv_key in state_dict:
+            state_dict[mean_key] = state_dict[rm_key].detach().clone()
+            state_dict[std_key] = torch.sqrt(state_dict[rv_key].detach() + self.eps)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", alpha={self._alpha!r}, eval_stats={self._eval_stats!r}"
+                f", grad_through_stats={self.grad_through_stats}, backend={self.backend!r}")
+
+
+class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on dbn_kernels' kernels; extra keyword ``backend``."""
+
+    _torch_cls, _dims = nn.BatchNorm1d, 1
+
+
+class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on dbn_kernels' kernels; extra keyword ``backend``."""
+
+    _torch_cls, _dims = nn.BatchNorm2d, 2
+
+
+class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on dbn_kernels' kernels; extra keyword ``backend``."""
+
+    _torch_cls, _dims = nn.BatchNorm3d, 3
+
+
+class DiminishingBatchNorm1d(_DiminishingMixin, nn.BatchNorm1d):
+    """Diminishing batch norm over (N, C) or (N, C, L); see ``DiminishingBatchNorm2d``."""
+
+    _torch_cls, _dims = nn.BatchNorm1d, 1
+
+
+class DiminishingBatchNorm2d(_DiminishingMixin, nn.BatchNorm2d):
+    """Diminishing batch norm (Ma & Klabjan, TNNLS 2024) over (N, C, H, W).
+
+    Normalises with mu_k = a_k m_B + (1 - a_k) mu_{k-1} and sig_k likewise for the batch std,
+    kept in the buffers ``dbn_mean`` and ``dbn_std``. ``alpha`` is a float in (0, 1],
+    ``dbn_kernels.inverse_power(...)`` or a callable ``k -> a_k`` (host-evaluated, not graph
+    safe). ``eval_stats='dbn'`` evaluates with the averaged statistics, ``'running'`` with
+    PyTorch's running statistics (updated alongside). ``grad_through_stats=False`` treats the
+    statistics as constants in backward.
+    """
+
+    _torch_cls, _dims = nn.BatchNorm2d, 2
+
+
+class DiminishingBatchNorm3d(_DiminishingMixin, nn.BatchNorm3d):
+    """Diminishing batch norm over (N, C, D, H, W); see ``DiminishingBatchNorm2d``."""
+
+    _torch_cls, _dims = nn.BatchNorm3d, 3

@@ -1,0 +1,113 @@
+"""The reference backend: SPEC §2 in plain PyTorch ops.
+
+It runs on any device and layout, accumulates in float32 (float64 for float64 input), keeps the
+input's memory format and never synchronises with the host. It is the CPU path and the oracle
+the GPU backends are checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import define_backend, stat_dtype
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """View a (C,) tensor so it broadcasts against x of shape (N, C, *S)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _affine(x: torch.Tensor, weight, bias, mean, invstd, acc) -> torch.Tensor:
+    """y = (x - mean) * invstd * weight + bias, folded into one scale and one shift per channel."""
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    y = torch.addcmul(_per_channel(shift, x), x.to(acc), _per_channel(scale, x))
+    return y.to(x.dtype)
+
+
+def schedule_alpha(k: torch.Tensor, alpha_scale: float, alpha_power: float,
+                   alpha_offset: float, dtype: torch.dtype) -> torch.Tensor:
+    """a_k on the device: 1 at k == 1, else min(1, scale / (k + offset) ** power)."""
+    kf = k.to(dtype)
+    a = (alpha_scale * torch.pow(kf + alpha_offset, -alpha_power)).clamp(max=1.0)
+    return torch.where(k <= 1, torch.ones_like(a), a)
+
+
+def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+    acc = stat_dtype(x)
+    dims = _reduce_dims(x)
+    M = x.numel() // x.shape[1]
+    xf = x.to(acc)
+    batch_var, batch_mean = torch.var_mean(xf, dim=dims, correction=0)
+    batch_std = torch.sqrt(batch_var + eps)
+
+    k = None
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        k = num_batches_tracked
+
+    if dbn_mean is not None:
+        alpha = schedule_alpha(k, alpha_scale, alpha_power, alpha_offset, acc)
+        mean = torch.lerp(dbn_mean.to(acc), batch_mean, alpha)
+        std = torch.lerp(dbn_std.to(acc), batch_std, alpha)
+        dbn_mean.copy_(mean)
+        dbn_std.copy_(std)
+        invstd = std.reciprocal()
+    else:
+        alpha = torch.ones((), dtype=acc, device=x.device)
+        mean = batch_mean.clone()
+        invstd = batch_std.reciprocal()
+
+    if running_mean is not None:
+        if momentum is None:
+            f = k.to(acc).reciprocal()
+        else:
+            f = torch.full((), momentum, dtype=acc, device=x.device)
+        running_mean.copy_(torch.lerp(running_mean.to(acc), batch_mean, f))
+        running_var.copy_(torch.lerp(running_var.to(acc), batch_var * (M / (M - 1)), f))
+
+    y = _affine(x, weight, bias, mean, invstd, acc)
+    return y, mean, invstd, batch_mean, batch_std.reciprocal(), alpha
+
+
+def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
+    acc = stat_dtype(x)
+    spread = spread.to(acc)
+    invstd = spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
+    return _affine(x, weight, bias, mean.to(acc), invstd, acc), invstd
+
+
+def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+             grad_through_stats, input_grad):
+    acc = stat_dtype(x)
+    dims = _reduce_dims(x)
+    M = x.numel() // x.shape[1]
+    xf = x.to(acc)
+    gf = grad_y.to(acc)
+    xhat = (xf - _per_channel(mean, x)) * _per_channel(invstd, x)
+    sum_dy = gf.sum(dims)
+    sum_dy_xhat = (gf * xhat).sum(dims)
+    if not input_grad:
+        return x.new_empty((0,)), sum_dy_xhat, sum_dy
+
+    # dx = A*dy + B*x + C per channel (SPEC §2), with a_g = a_k or 0.
+    a = invstd if weight is None else invstd * weight.to(acc)
+    if grad_through_stats:
+        b = -a * alpha * sum_dy_xhat * batch_invstd / M
+        c = -a * alpha * sum_dy / M - b * batch_mean
+        grad_x = gf * _per_channel(a, x) + xf * _per_channel(b, x) + _per_channel(c, x)
+    else:
+        grad_x = gf * _per_channel(a, x)
+    # dy may arrive in another memory format than x; dx keeps x's.
+    return torch.empty_like(x).copy_(grad_x), sum_dy_xhat, sum_dy
+
+
+define_backend("reference", {"train_forward": train_forward, "eval_forward": eval_forward,
+                             "backward": backward}, device_types=("cpu", "cuda"))
