@@ -30,8 +30,9 @@ def check_call(x, *, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
             f"input dtype {x.dtype} is not supported; expected one of "
             + ", ".join(str(d) for d in INPUT_DTYPES))
     C = x.shape[1]
-    per_channel = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                   ("running_var", running_var), ("dbn_mean", dbn_mean), ("dbn_std", dbn_std))
+    # PyTorch's order, so the first complaint is the one PyTorch would make.
+    per_channel = (("running_mean", running_mean), ("running_var", running_var),
+                   ("weight", weight), ("bias", bias), ("dbn_mean", dbn_mean), ("dbn_std", dbn_std))
     for name, t in per_channel:
         if t is None:
             continue

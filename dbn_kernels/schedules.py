@@ -82,6 +82,8 @@ class HostSchedule:
         # The documented escape hatch: this reads the step counter on the host (a synchronisation
         # on CUDA and a graph break under torch.compile).
         k = int(num_batches_tracked) + 1
+        if k == 1:
+            return (1.0, 0.0, 0.0)  # a_1 = 1 by definition: the first step starts the average
         a = _finite("alpha(k)", self.fn(k))
         if not 0.0 < a <= 1.0:
             raise ValueError(f"alpha(k) must lie in (0, 1], got {a} at k={k}")
