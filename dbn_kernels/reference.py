@@ -45,7 +45,10 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     dims = _reduce_dims(x)
     M = x.numel() // x.shape[1]
     xf = x.to(acc)
-    batch_var, batch_mean = torch.var_mean(xf, dim=dims, correction=0)
+    # Two passes, centred before squaring: as accurate as Welford (no E[x^2] - E[x]^2
+    # cancellation) and several times faster than torch.var_mean on CPU.
+    batch_mean = xf.mean(dims)
+    batch_var = (xf - _per_channel(batch_mean, x)).square_().mean(dims)
     batch_std = torch.sqrt(batch_var + eps)
 
     k = None
@@ -84,6 +87,13 @@ def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
     return _affine(x, weight, bias, mean.to(acc), invstd, acc), invstd
 
 
+def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``x``'s dtype and memory format (dy may arrive in another format than x)."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
 def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
              grad_through_stats, input_grad):
     acc = stat_dtype(x)
@@ -91,9 +101,8 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     M = x.numel() // x.shape[1]
     xf = x.to(acc)
     gf = grad_y.to(acc)
-    xhat = (xf - _per_channel(mean, x)) * _per_channel(invstd, x)
     sum_dy = gf.sum(dims)
-    sum_dy_xhat = (gf * xhat).sum(dims)
+    sum_dy_xhat = (xf - _per_channel(mean, x)).mul_(gf).sum(dims) * invstd
     if not input_grad:
         return x.new_empty((0,)), sum_dy_xhat, sum_dy
 
@@ -102,12 +111,11 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     if grad_through_stats:
         b = -a * alpha * sum_dy_xhat * batch_invstd / M
         c = -a * alpha * sum_dy / M - b * batch_mean
-        grad_x = gf * _per_channel(a, x) + xf * _per_channel(b, x) + _per_channel(c, x)
+        grad_x = torch.addcmul(_per_channel(c, x), gf, _per_channel(a, x))
+        grad_x.addcmul_(xf, _per_channel(b, x))
     else:
         grad_x = gf * _per_channel(a, x)
-    # dy may arrive in another memory format than x; dx keeps x's.
-    return torch.empty_like(x).copy_(grad_x), sum_dy_xhat, sum_dy
-
+    return _like_input(grad_x, x), sum_dy_xhat, sum_dy
 
 define_backend("reference", {"train_forward": train_forward, "eval_forward": eval_forward,
                              "backward": backward}, device_types=("cpu", "cuda"))
