@@ -8,6 +8,7 @@ touches this file.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .ops import op
 
@@ -39,6 +40,7 @@ class DiminishingBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y):
         x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
