@@ -1,0 +1,264 @@
+"""Forward kernels and their launchers.
+
+Training step, three launches and no host synchronisation:
+
+1. ``collect_stats``: grid (channel blocks, splits of M). Each lane keeps a Welford state (count,
+   mean, M2) over the tiles of its split; the lanes are merged (Chan) and each program writes one
+   partial state per channel. Program (0, 0) also increments ``num_batches_tracked``.
+2. ``finalize``: one program per channel block merges the partials in split order, computes a_k
+   from the counter, applies every buffer update and writes the saved tensors and the
+   per-channel scale/shift.
+3. ``normalize``: y = x * scale + shift, one FMA per element.
+
+Evaluation is one launch, ``eval_normalize``, which derives scale/shift from the stored
+statistics inside each tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dbn_kernels import reference
+
+from .launch import (device_guard, elementwise_plan, finalize_plan, kernel_input, reduce_plan)
+from .tiling import elementwise_tile, lerp, merge_lanes, merge_pair, reduction_tile
+
+
+@triton.jit
+def collect_stats(x_ptr, partial_ptr, counter_ptr, C, S, M, s_blocks, tiles, tiles_per_split,
+                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                  ALIGN: tl.constexpr, INT64: tl.constexpr, BUMP_COUNTER: tl.constexpr):
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if CHANNELS_LAST:
+        mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    else:
+        mean = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+    m2 = tl.zeros_like(mean)
+    count = tl.zeros_like(mean)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tiles)
+    for t in range(t_begin, t_end):
+        offs, mask = reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R, CHANNELS_LAST, ALIGN, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        count += mask.to(tl.float32)
+        delta = x - mean
+        mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+        m2 += tl.where(mask, delta * (x - mean), 0.0)
+    if CHANNELS_LAST:
+        mean, m2, count = merge_lanes(mean, m2, count, 0)
+    else:
+        mean, m2, count = merge_lanes(mean, m2, count, 1)
+    keep = c < C
+    out = partial_ptr + split * C + c
+    tl.store(out, mean, mask=keep)
+    tl.store(out + splits * C, m2, mask=keep)
+    tl.store(out + 2 * splits * C, count, mask=keep)
+    if BUMP_COUNTER:
+        # The counter is bumped here rather than in finalize: finalize runs several programs that
+        # all need k, and one of them writing it while others read would race. Nothing else in
+        # this launch reads it, and finalize (the next launch) sees the new value.
+        first = (pid_c == 0) & (split == 0)
+        k = tl.load(counter_ptr, mask=first, other=0)
+        tl.store(counter_ptr, k + 1, mask=first)
+
+
+@triton.jit
+def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, running_mean_ptr,
+             running_var_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, batch_mean_ptr,
+             batch_invstd_ptr, alpha_ptr, affine_ptr, count, unbias, momentum, eps,
+             alpha_scale, alpha_power, alpha_offset,
+             HAS_COUNTER: tl.constexpr, HAS_DBN: tl.constexpr, HAS_RUNNING: tl.constexpr,
+             CUMULATIVE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    n = tl.zeros([BLOCK_C], tl.float32)
+    # Splits merge in ascending order, BLOCK_SPLIT at a time: the result does not depend on
+    # scheduling, so two identical runs agree bit for bit.
+    for j0 in range(0, splits, BLOCK_SPLIT):
+        j = j0 + tl.arange(0, BLOCK_SPLIT)
+        mask = (j < splits)[:, None] & keep[None, :]
+        offs = j[:, None] * C + c[None, :]
+        part_mean = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(partial_ptr + splits * C + offs, mask=mask, other=0.0)
+        part_n = tl.load(partial_ptr + 2 * splits * C + offs, mask=mask, other=0.0)
+        b_mean, b_m2, b_n = merge_lanes(part_mean, part_m2, part_n, 0)
+        mean, m2, n = merge_pair(mean, m2, n, b_mean, b_m2, b_n)
+
+    var = m2 / count
+    std = tl.sqrt_rn(var + eps)
+    batch_invstd = 1.0 / std
+
+    if HAS_COUNTER:
+        k = tl.load(counter_ptr)
+        kf = k.to(tl.float32)
+    if HAS_DBN:
+        # a_k = min(1, scale * (k + offset)^-power), and 1 at the first step.
+        a = alpha_scale * tl.exp2(-alpha_power * tl.log2(kf + alpha_offset))
+        a = tl.where(k <= 1, 1.0, tl.minimum(a, 1.0))
+        old_mean = tl.load(dbn_mean_ptr + c, mask=keep, other=0.0).to(tl.float32)
+        old_std = tl.load(dbn_std_ptr + c, mask=keep, other=1.0).to(tl.float32)
+        mu = lerp(old_mean, mean, a)
+        sigma = lerp(old_std, std, a)
+        tl.store(dbn_mean_ptr + c, mu.to(dbn_mean_ptr.dtype.element_ty), mask=keep)
+        tl.store(dbn_std_ptr + c, sigma.to(dbn_std_ptr.dtype.element_ty), mask=keep)
+        invstd = 1.0 / sigma
+    else:
+        a = tl.full([], 1.0, tl.float32)
+        mu = mean
+        invstd = batch_invstd
+    if HAS_RUNNING:
+        if CUMULATIVE:
+            f = 1.0 / kf
+        else:
+            f = momentum
+        old_rm = tl.load(running_mean_ptr + c, mask=keep, other=0.0).to(tl.float32)
+        old_rv = tl.load(running_var_ptr + c, mask=keep, other=1.0).to(tl.float32)
+        new_rm = lerp(old_rm, mean, f)
+        new_rv = lerp(old_rv, var * unbias, f)
+        tl.store(running_mean_ptr + c, new_rm.to(running_mean_ptr.dtype.element_ty), mask=keep)
+        tl.store(running_var_ptr + c, new_rv.to(running_var_ptr.dtype.element_ty), mask=keep)
+
+    tl.store(mean_ptr + c, mu, mask=keep)
+    tl.store(invstd_ptr + c, invstd, mask=keep)
+    tl.store(batch_mean_ptr + c, mean, mask=keep)
+    tl.store(batch_invstd_ptr + c, batch_invstd, mask=keep)
+    tl.store(alpha_ptr, a, mask=pid == 0)
+
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c, mask=keep, other=1.0).to(tl.float32)
+    shift = -mu * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + c, mask=keep, other=0.0).to(tl.float32)
+    tl.store(affine_ptr + c, scale, mask=keep)
+    tl.store(affine_ptr + C + c, shift, mask=keep)
+
+
+@triton.jit
+def normalize(x_ptr, y_ptr, affine_ptr, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr,
+              BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+              INT64: tl.constexpr):
+    offs, mask, chan, chan_mask, first = elementwise_tile(
+        tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
+    scale = tl.load(affine_ptr + chan, mask=chan_mask, other=0.0)
+    shift = tl.load(affine_ptr + C + chan, mask=chan_mask, other=0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, invstd_ptr, eps,
+                   C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
+                   SPREAD_IS_STD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    offs, mask, chan, chan_mask, first = elementwise_tile(
+        tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
+    # A handful of per-channel values per tile: cheaper than a separate launch.
+    mean = tl.load(mean_ptr + chan, mask=chan_mask, other=0.0).to(tl.float32)
+    spread = tl.load(spread_ptr + chan, mask=chan_mask, other=1.0).to(tl.float32)
+    if SPREAD_IS_STD:
+        invstd = 1.0 / spread
+    else:
+        invstd = 1.0 / tl.sqrt_rn(spread + eps)
+    tl.store(invstd_ptr + chan, invstd, mask=first)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + chan, mask=chan_mask, other=1.0).to(tl.float32)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + chan, mask=chan_mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _per_channel(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _in_place_ok(*buffers) -> bool:
+    """The kernels write buffers as dense (C,) vectors."""
+    return all(b is None or b.is_contiguous() for b in buffers)
+
+
+def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+    if x.dtype == torch.float64 or not _in_place_ok(running_mean, running_var, dbn_mean, dbn_std,
+                                                    num_batches_tracked):
+        # float64 is the reference's job (Triton would accumulate in float32).
+        return reference.train_forward(x, weight, bias, running_mean, running_var, dbn_mean,
+                                       dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
+                                       alpha_power, alpha_offset)
+    xk, geo = kernel_input(x)
+    C, M = geo.C, geo.M
+    f32 = {"dtype": torch.float32, "device": x.device}
+    weight, bias = _per_channel(weight), _per_channel(bias)
+    has_counter = num_batches_tracked is not None
+    has_dbn = dbn_mean is not None
+    has_running = running_mean is not None
+    if (has_dbn or (has_running and momentum is None)) and not has_counter:
+        raise ValueError("num_batches_tracked is required for DBN statistics or momentum=None")
+
+    plan = reduce_plan(geo, xk.element_size(), x.device)
+    fin = finalize_plan(C, plan.splits)
+    ew = elementwise_plan(geo, xk.element_size())
+    partial = torch.empty((3, plan.splits, C), **f32)
+    mean, invstd, batch_mean, batch_invstd = (torch.empty(C, **f32) for _ in range(4))
+    alpha = torch.empty((), **f32)
+    affine = torch.empty((2, C), **f32)
+    y = torch.empty_like(xk)
+    unused = partial  # stands in for absent tensors; the kernels never touch it then
+
+    with device_guard(x):
+        collect_stats[plan.grid](
+            xk, partial, num_batches_tracked if has_counter else unused, C, geo.S, M,
+            plan.s_blocks, plan.tiles, plan.tiles_per_split, BLOCK_C=plan.block_c,
+            BLOCK_R=plan.block_r, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
+            INT64=geo.int64, BUMP_COUNTER=has_counter, num_warps=plan.num_warps)
+        finalize[fin.grid](
+            partial, plan.splits, C, num_batches_tracked if has_counter else unused,
+            dbn_mean if has_dbn else unused, dbn_std if has_dbn else unused,
+            running_mean if has_running else unused, running_var if has_running else unused,
+            unused if weight is None else weight, unused if bias is None else bias,
+            mean, invstd, batch_mean, batch_invstd, alpha, affine,
+            float(M), M / (M - 1) if M > 1 else float("inf"),
+            0.0 if momentum is None else float(momentum), float(eps), float(alpha_scale),
+            float(alpha_power), float(alpha_offset),
+            HAS_COUNTER=has_counter, HAS_DBN=has_dbn, HAS_RUNNING=has_running,
+            CUMULATIVE=momentum is None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, BLOCK_C=fin.block_c, BLOCK_SPLIT=fin.block_split,
+            num_warps=fin.num_warps)
+        normalize[ew.grid](
+            xk, y, affine, C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
+            BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
+            INT64=geo.int64, num_warps=ew.num_warps)
+    return y, mean, invstd, batch_mean, batch_invstd, alpha
+
+
+def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
+    if x.dtype == torch.float64:
+        return reference.eval_forward(x, weight, bias, mean, spread, eps, spread_is_std)
+    xk, geo = kernel_input(x)
+    weight, bias = _per_channel(weight), _per_channel(bias)
+    mean, spread = mean.contiguous(), spread.contiguous()
+    ew = elementwise_plan(geo, xk.element_size())
+    y = torch.empty_like(xk)
+    invstd = torch.empty(geo.C, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        eval_normalize[ew.grid](
+            xk, y, mean, spread, invstd if weight is None else weight,
+            invstd if bias is None else bias, invstd, float(eps), geo.C, geo.S, ew.extent_a,
+            ew.b_blocks, BLOCK_A=ew.block_a, BLOCK_B=ew.block_b,
+            CHANNELS_LAST=geo.channels_last, ALIGN=geo.align, INT64=geo.int64,
+            SPREAD_IS_STD=bool(spread_is_std), HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, num_warps=ew.num_warps)
+    return y, invstd

@@ -1,0 +1,103 @@
+"""Device-side helpers shared by the forward and backward kernels: where a tile lives in memory,
+and the Welford/Chan merges.
+
+A tile's last dimension always runs along contiguous memory, so loads and stores vectorise:
+
+* channel-inner (channels_last, (N, C)): memory is (M, C); tiles are [rows, channels];
+* spatial-inner (contiguous N, C, *S): memory is (N*C planes, S); tiles are [planes or channels,
+  positions].
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """Offsets and mask of reduction tile ``t`` for the channel vector ``c`` ([BLOCK_C]).
+
+    Channel-inner: rows [t*BLOCK_R, (t+1)*BLOCK_R) of (M, C), shape [BLOCK_R, BLOCK_C].
+    Spatial-inner: sample t // s_blocks, positions (t % s_blocks)*BLOCK_R + [0, BLOCK_R),
+    shape [BLOCK_C, BLOCK_R].
+    """
+    r = tl.arange(0, BLOCK_R)
+    if CHANNELS_LAST:
+        if INT64:
+            rows = (tl.zeros([BLOCK_R], tl.int64) + t) * BLOCK_R + r
+        else:
+            rows = t * BLOCK_R + r
+        row_start = tl.multiple_of(rows * C, ALIGN)
+        offs = row_start[:, None] + c[None, :]
+        mask = (rows < M)[:, None] & (c < C)[None, :]
+    else:
+        n = t // s_blocks
+        s = (t - n * s_blocks) * BLOCK_R + r
+        if INT64:
+            planes = (c.to(tl.int64) * 0 + n) * C + c
+        else:
+            planes = n * C + c
+        plane_start = tl.multiple_of(planes * S, ALIGN)
+        offs = plane_start[:, None] + s[None, :]
+        mask = (c < C)[:, None] & (s < S)[None, :]
+    return offs, mask
+
+
+@triton.jit
+def elementwise_tile(pid, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                     CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """Tile ``pid`` of an element-wise pass over [extent_a, extent_b] (channel-inner: M rows by C
+    channels; spatial-inner: N*C planes by S positions). Returns the offsets, the mask, the
+    channel of each column (or row) with its mask, and ``first``: the lanes of each channel's
+    first tile, which write per-channel outputs exactly once."""
+    pid_a = pid // b_blocks
+    pid_b = pid - pid_a * b_blocks
+    a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    if INT64:
+        a_wide = a.to(tl.int64)
+    else:
+        a_wide = a
+    if CHANNELS_LAST:
+        start = tl.multiple_of(a_wide * C, ALIGN)
+        offs = start[:, None] + b[None, :]
+        mask = (a < extent_a)[:, None] & (b < C)[None, :]
+        chan = b[None, :]
+        chan_mask = (b < C)[None, :]
+        first = chan_mask & (pid_a == 0)
+    else:
+        start = tl.multiple_of(a_wide * S, ALIGN)
+        offs = start[:, None] + b[None, :]
+        mask = (a < extent_a)[:, None] & (b < S)[None, :]
+        chan = (a % C)[:, None]
+        chan_mask = (a < extent_a)[:, None]
+        first = (a < C)[:, None] & (pid_b == 0)
+    return offs, mask, chan, chan_mask, first
+
+
+@triton.jit
+def merge_lanes(mean, m2, count, AXIS: tl.constexpr):
+    """Chan et al.'s merge of per-lane Welford states along AXIS, in closed form: the combined
+    mean, then M2 plus each lane's count times its squared distance from that mean (no
+    E[x^2] - E[x]^2). A plain tree reduction: fixed order, so bitwise reproducible."""
+    n = tl.sum(count, AXIS)
+    mu = tl.sum(count * mean, AXIS) / tl.maximum(n, 1.0)
+    dev = mean - tl.expand_dims(mu, AXIS)
+    m2 = tl.sum(m2 + count * dev * dev, AXIS)
+    return mu, m2, n
+
+
+@triton.jit
+def merge_pair(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s pairwise merge of two Welford states."""
+    n = n_a + n_b
+    w_b = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+
+
+@triton.jit
+def lerp(start, end, weight):
+    """torch.lerp's formula: exact at weight 1 (the first DBN step copies the batch statistics)."""
+    return tl.where(weight < 0.5, start + weight * (end - start),
+                    end - (end - start) * (1.0 - weight))
