@@ -1,0 +1,237 @@
+"""``dbn-bench``: the command line.
+
+    dbn-bench --suite resnet50 --dtype float32 bfloat16 --layout both \\
+              --json out.json --csv out.csv --plot out.png
+    dbn-bench --model resnet50                  # images/s of a training step
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import environment, report
+from .providers import provider_names, select
+from .shapes import DTYPES, LAYOUTS, MODES, SUITES, suite_shapes
+
+EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
+
+
+def _comma_list(values: list[str] | None) -> list[str] | None:
+    """``--x a,b c`` -> [a, b, c]; both spellings are accepted."""
+    if values is None:
+        return None
+    items = [item.strip() for value in values for item in value.split(",")]
+    return list(dict.fromkeys(item for item in items if item))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbn-bench",
+        description="Time dbn_kernels' batch-norm kernels against cuDNN, PyTorch's native batch "
+                    "norm and torch.compile (every output checked against a float64 reference "
+                    "first), or a ResNet-50 training step with --model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--suite", choices=SUITES, default="quick",
+                        help="quick: a few small shapes; resnet50: every batch-norm shape of "
+                             "ResNet-50 at --batch (default 64); sweep: a C x spatial x batch grid")
+    parser.add_argument("--model", choices=("resnet50",), default=None,
+                        help="time a whole training step instead of single layers (images/s)")
+    parser.add_argument("--dtype", nargs="+", metavar="DTYPE", default=None,
+                        help=f"one or more of {', '.join(DTYPES)} (default: float32 and "
+                             "bfloat16 on a GPU, float32 on CPU; with --model: bfloat16 = AMP "
+                             "on a GPU, float32 on CPU)")
+    parser.add_argument("--layout", choices=(*LAYOUTS, "both"), default=None,
+                        help="memory format; nhwc = channels_last (default: both; with --model: "
+                             "nhwc on a GPU, nchw on CPU)")
+    parser.add_argument("--mode", nargs="+", metavar="MODE", default=None,
+                        help=f"one or more of {', '.join(MODES)} (default: all)")
+    parser.add_argument("--providers", nargs="+", metavar="NAME", default=None,
+                        help=f"comma-separated subset of {', '.join(provider_names())} "
+                             "(default: all that can run here)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="N of every shape (resnet50 suite default 64; sweep: keep only this "
+                             "N; --model default 64 on a GPU, 2 on CPU)")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="input resolution for --model")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
+    parser.add_argument("--budget-ms", type=float, default=None,
+                        help="time spent repeating each measurement (default 150 on a GPU, "
+                             "20 on CPU)")
+    parser.add_argument("--json", metavar="PATH", help="write rows and environment as JSON")
+    parser.add_argument("--csv", metavar="PATH", help="write rows and environment as CSV")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write a PNG of GB/s per shape and provider (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+class UsageError(Exception):
+    pass
+
+
+def _choices(values: list[str] | None, allowed, what: str) -> list[str] | None:
+    if values is None:
+        return None
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise UsageError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return values
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is visible to torch "
+                         f"{torch.__version__} (torch.version.cuda={torch.version.cuda})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _cpu_note(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        return []
+    gpu = "no GPU on this machine" if not torch.cuda.is_available() else "--device cpu"
+    return [f"{gpu}: the GPU kernels (cuda, triton) and cuDNN need a GPU; on CPU this compares "
+            "the reference backend with PyTorch's CPU batch norm; CPU times say nothing about "
+            "the GPU kernels, and small tensors stay in cache, so %copy can exceed 100"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = _device(args.device)
+        dtypes = _choices(_comma_list(args.dtype), list(DTYPES), "dtype")
+        modes = _choices(_comma_list(args.mode), list(MODES), "mode")
+        requested = _comma_list(args.providers)
+        selection = select(requested, device)
+        if args.plot and (reason := report.plot_available()):
+            raise UsageError(reason)
+        if args.batch is not None and args.batch < 2:
+            raise UsageError("--batch must be at least 2 (training needs more than one value "
+                             "per channel)")
+    except (UsageError, ValueError) as exc:
+        print(f"dbn-bench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.model:
+        return _main_model(args, device, dtypes, selection, requested)
+    return _main_kernels(args, device, dtypes, modes, selection)
+
+
+def _meta(what: str, device: torch.device, selection, timing_method: str, **extra) -> dict:
+    return {
+        "what": what,
+        "environment": environment.collect(device),
+        "timing_method": timing_method,
+        "skipped_providers": [{"provider": name, "reason": reason}
+                              for name, reason in selection.skipped],
+        "notes": _cpu_note(device),
+        **extra,
+    }
+
+
+def _write_outputs(args, meta: dict, rows, *, plot: bool) -> None:
+    if args.json:
+        report.write_json(args.json, meta, rows)
+    if args.csv:
+        report.write_csv(args.csv, meta, rows)
+    if plot and args.plot:
+        report.write_plot(args.plot, meta, rows)
+    for flag, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot if plot else None)):
+        if path:
+            print(f"wrote {path}")
+
+
+def _main_kernels(args, device, dtypes, modes, selection) -> int:
+    from .runner import run_benchmark
+    from .timing import Timer, copy_bandwidth
+
+    dtypes = dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    layouts = list(LAYOUTS) if args.layout in (None, "both") else [args.layout]
+    modes = modes or list(MODES)
+    shapes = suite_shapes(args.suite, args.batch)
+
+    timer = Timer(device)
+    if args.budget_ms is not None:
+        timer.settings.budget_ms = args.budget_ms
+    bandwidth = copy_bandwidth(timer)
+    meta = _meta(f"suite={args.suite}", device, selection, timer.method,
+                 suite=args.suite, dtypes=dtypes, layouts=layouts, modes=modes,
+                 copy_bandwidth={"gbps": bandwidth.gbps, "bytes": bandwidth.nbytes,
+                                 "median_ms": bandwidth.timing.median_ms,
+                                 "description": bandwidth.description},
+                 byte_model={mode: f"{r}R+{w}W" for mode, (r, w) in MODES.items()})
+    print(report.header_text(meta), flush=True)
+
+    total = len(shapes) * len(dtypes) * len(layouts) * len(modes) * len(selection.runnable)
+    progress = report.Progress(total, enabled=False if args.no_progress else None)
+    try:
+        rows = run_benchmark(shapes, dtypes, layouts, modes, selection.runnable, device, timer,
+                             copy_gbps=bandwidth.gbps, progress=progress)
+    finally:
+        progress.close()
+    print()
+    print(report.kernel_table(rows))
+    _write_outputs(args, meta, rows, plot=True)
+    return _exit_status(rows)
+
+
+def _main_model(args, device, dtypes, selection, requested) -> int:
+    from .e2e import is_model_variant, run_model_benchmark
+
+    on_gpu = device.type == "cuda"
+    dtypes = dtypes or (["bfloat16"] if on_gpu else ["float32"])
+    if "float16" in dtypes:
+        print("dbn-bench: error: --model supports float32 and bfloat16 (fp16 AMP would need a "
+              "gradient scaler)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.layout is None:
+        layouts = ["nhwc"] if on_gpu else ["nchw"]
+    else:
+        layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
+    batch = args.batch or (64 if on_gpu else 2)
+
+    variants = [p.name for p in selection.runnable if is_model_variant(p)]
+    not_variants = [(p.name, "not a model variant (kernel benchmark only)")
+                    for p in selection.runnable if not is_model_variant(p)]
+    selection.skipped += [entry for entry in not_variants if requested]
+    meta = _meta(f"model={args.model}", device, selection,
+                 "training step (zero_grad, forward, loss, backward, SGD step) timed as a whole, "
+                 + ("CUDA events, median after warm-up" if on_gpu else
+                    "time.perf_counter, median of 3 steps after 1 warm-up step"),
+                 model=args.model, batch=batch, image_size=args.image_size)
+    print(report.header_text(meta), flush=True)
+    total = len(dtypes) * len(layouts) * len(variants)
+    progress = report.Progress(total, enabled=False if args.no_progress else None)
+    try:
+        rows, source = run_model_benchmark(args.model, variants, batch, args.image_size, dtypes,
+                                           layouts, device, progress=progress)
+    finally:
+        progress.close()
+    meta["model_definition"] = source
+    print(f"model definition: {source}")
+    print()
+    print(report.model_table(rows))
+    _write_outputs(args, meta, rows, plot=False)
+    if args.plot:
+        print("note: --plot applies to the kernel suites; no plot for --model")
+    return _exit_status(rows)
+
+
+def _exit_status(rows) -> int:
+    failed = [row for row in rows if row.status == "failed"]
+    if failed:
+        print(f"\n{len(failed)} row(s) FAILED (wrong result or error): not timed; see the notes",
+              file=sys.stderr)
+        return EXIT_FAILED_CHECK
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
