@@ -94,13 +94,13 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _cpu_note(device: torch.device) -> list[str]:
+def _cpu_notes(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return []
     gpu = "no GPU on this machine" if not torch.cuda.is_available() else "--device cpu"
     return [f"{gpu}: the GPU kernels (cuda, triton) and cuDNN need a GPU; on CPU this compares "
-            "the reference backend with PyTorch's CPU batch norm; CPU times say nothing about "
-            "the GPU kernels, and small tensors stay in cache, so %copy can exceed 100"]
+            "the reference backend with PyTorch's CPU batch norm, and CPU times say nothing "
+            "about the GPU kernels"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +131,7 @@ def _meta(what: str, device: torch.device, selection, timing_method: str, **extr
         "timing_method": timing_method,
         "skipped_providers": [{"provider": name, "reason": reason}
                               for name, reason in selection.skipped],
-        "notes": _cpu_note(device),
+        "notes": _cpu_notes(device),
         **extra,
     }
 
@@ -167,6 +167,8 @@ def _main_kernels(args, device, dtypes, modes, selection) -> int:
                                  "median_ms": bandwidth.timing.median_ms,
                                  "description": bandwidth.description},
                  byte_model={mode: f"{r}R+{w}W" for mode, (r, w) in MODES.items()})
+    if device.type == "cpu":
+        meta["notes"].append("small tensors stay in the CPU's caches, so %copy can exceed 100")
     print(report.header_text(meta), flush=True)
 
     total = len(shapes) * len(dtypes) * len(layouts) * len(modes) * len(selection.runnable)
@@ -197,10 +199,12 @@ def _main_model(args, device, dtypes, selection, requested) -> int:
         layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
     batch = args.batch or (64 if on_gpu else 2)
 
-    variants = [p.name for p in selection.runnable if is_model_variant(p)]
-    not_variants = [(p.name, "not a model variant (kernel benchmark only)")
-                    for p in selection.runnable if not is_model_variant(p)]
-    selection.skipped += [entry for entry in not_variants if requested]
+    variants = [p.name for p in selection.runnable if is_model_variant(p.name)]
+    # cudnn and torch-compile are kernel providers only: listed when asked for, else left out.
+    selection.skipped = [(name, reason) for name, reason in selection.skipped
+                         if is_model_variant(name) or requested]
+    selection.skipped += [(p.name, "not a model variant (kernel benchmark only)")
+                          for p in selection.runnable if not is_model_variant(p.name) and requested]
     meta = _meta(f"model={args.model}", device, selection,
                  "training step (zero_grad, forward, loss, backward, SGD step) timed as a whole, "
                  + ("CUDA events, median after warm-up" if on_gpu else

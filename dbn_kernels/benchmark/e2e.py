@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ..convert import convert
-from .providers import Provider
 from .resnet import resnet50
 from .shapes import DTYPES, memory_format
 from .timing import Timer, TimerSettings, Timing
@@ -38,8 +37,8 @@ CPU_STEP_SETTINGS = TimerSettings(warmup_ms=0.0, budget_ms=0.0, min_reps=3, max_
                                   min_warmup_calls=1)
 
 
-def is_model_variant(provider: Provider) -> bool:
-    return provider.name == "torch" or provider.name.endswith(("-bn", "-dbn"))
+def is_model_variant(provider_name: str) -> bool:
+    return provider_name == "torch" or provider_name.endswith(("-bn", "-dbn"))
 
 
 @dataclass
@@ -112,7 +111,7 @@ def time_training_step(base: torch.nn.Module, variant: str, batch: int, image_si
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
-        last_loss[:] = [loss]
+        last_loss[:] = [loss.detach()]
 
     try:
         step()
