@@ -18,6 +18,9 @@ from dbn_kernels.benchmark.shapes import (DTYPES, LAYOUTS, MODES, Shape, bytes_m
                                           resnet50_shapes)
 from dbn_kernels.benchmark.timing import Timer, TimerSettings, percentile
 
+# One CPU thread: CI machines are small and shared, and PyTorch's multi-threaded CPU kernels stall
+# (tens of ms per call) when another process holds the other core.
+THREADS = ["--threads", "1"]
 REQUIRED = ("provider", "shape", "dtype", "layout", "mode", "median_ms", "gbps")
 GPU_ONLY = {"cuda-bn", "cuda-dbn", "triton-bn", "triton-dbn", "cudnn"}
 
@@ -48,7 +51,7 @@ def check_document(document: dict) -> list[dict]:
 def test_quick_suite_json_and_csv(tmp_path):
     out, table = tmp_path / "out.json", tmp_path / "out.csv"
     assert main(["--suite", "quick", "--json", str(out), "--csv", str(table),
-                 "--no-progress"]) == 0
+                 "--no-progress", *THREADS]) == 0
     document = json.loads(out.read_text())
     timed = check_document(document)
     skipped = {s["provider"] for s in document["skipped_providers"]}
@@ -75,7 +78,7 @@ def test_console_script(tmp_path):
     out = tmp_path / "out.json"
     result = subprocess.run(
         [*command, "--suite", "quick", "--mode", "eval-fwd", "--layout", "nchw",
-         "--json", str(out)], capture_output=True, text=True, timeout=300)
+         "--json", str(out), *THREADS], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "median ms" in result.stdout and "skipped providers" in result.stdout
     check_document(json.loads(out.read_text()))
@@ -91,13 +94,14 @@ def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "out.png"
     assert main(["--suite", "quick", "--mode", "eval-fwd", "--plot", str(png),
-                 "--no-progress"]) == 0
+                 "--no-progress", *THREADS]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_usage_errors(capsys):
     assert main(["--providers", "nonesuch"]) == 2
     assert main(["--dtype", "int8"]) == 2
+    assert main(["--threads", "0"]) == 2
     assert "nonesuch" in capsys.readouterr().err
 
 
@@ -167,7 +171,8 @@ def test_percentile():
 def test_model_resnet50_tiny(tmp_path):
     out = tmp_path / "model.json"
     assert main(["--model", "resnet50", "--batch", "2", "--image-size", "32", "--json", str(out),
-                 "--providers", "torch,reference-bn,reference-dbn", "--no-progress"]) == 0
+                 "--providers", "torch,reference-bn,reference-dbn", "--no-progress",
+                 *THREADS]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {row["provider"] for row in rows} == {"torch", "reference-bn", "reference-dbn"}
     for row in rows:

@@ -17,6 +17,7 @@ from .providers import provider_names, select
 from .shapes import DTYPES, LAYOUTS, MODES, SUITES, suite_shapes
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
+"""1: some row failed its check or errored (or nothing could be timed); 2: bad arguments."""
 
 
 def _comma_list(values: list[str] | None) -> list[str] | None:
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", metavar="PATH", help="write rows and environment as CSV")
     parser.add_argument("--plot", metavar="PATH",
                         help="write a PNG of GB/s per shape and provider (needs matplotlib)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's "
+                             "choice). 1 keeps CPU timings steady on a machine shared with "
+                             "other work")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -113,15 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         selection = select(requested, device)
         if args.plot and (reason := report.plot_available()):
             raise UsageError(reason)
+        if args.threads is not None and args.threads < 1:
+            raise UsageError("--threads must be at least 1")
         if args.batch is not None and args.batch < 2:
             raise UsageError("--batch must be at least 2 (training needs more than one value "
                              "per channel)")
     except (UsageError, ValueError) as exc:
         print(f"dbn-bench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.model:
-        return _main_model(args, device, dtypes, selection, requested)
-    return _main_kernels(args, device, dtypes, modes, selection)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.model:
+            return _main_model(args, device, dtypes, selection, requested)
+        return _main_kernels(args, device, dtypes, modes, selection)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
 
 
 def _meta(what: str, device: torch.device, selection, timing_method: str, **extra) -> dict:
@@ -141,11 +154,15 @@ def _write_outputs(args, meta: dict, rows, *, plot: bool) -> None:
         report.write_json(args.json, meta, rows)
     if args.csv:
         report.write_csv(args.csv, meta, rows)
+    written = [path for path in (args.json, args.csv) if path]
     if plot and args.plot:
-        report.write_plot(args.plot, meta, rows)
-    for flag, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot if plot else None)):
-        if path:
-            print(f"wrote {path}")
+        try:
+            report.write_plot(args.plot, meta, rows)
+            written.append(args.plot)
+        except ValueError as exc:
+            print(f"no plot written: {exc}")
+    for path in written:
+        print(f"wrote {path}")
 
 
 def _main_kernels(args, device, dtypes, modes, selection) -> int:
@@ -229,6 +246,9 @@ def _main_model(args, device, dtypes, selection, requested) -> int:
 
 
 def _exit_status(rows) -> int:
+    if not any(row.status == "ok" for row in rows):
+        print("\nnothing was timed: every provider was skipped or failed", file=sys.stderr)
+        return EXIT_FAILED_CHECK
     failed = [row for row in rows if row.status == "failed"]
     if failed:
         print(f"\n{len(failed)} row(s) FAILED (wrong result or error): not timed; see the notes",

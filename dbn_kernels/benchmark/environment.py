@@ -50,6 +50,7 @@ def collect(device: torch.device) -> dict:
         "gpu_l2_mib": None,
         "driver": None,
         "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _package_version("triton"),

@@ -186,10 +186,10 @@ def write_plot(path: str, meta: dict, rows) -> None:
     import matplotlib.pyplot as plt
 
     ok = [row for row in rows if row.status == "ok"]
-    modes = [m for m in MODES if any(row.mode == m for row in ok)]
-    columns = list(dict.fromkeys((row.dtype, row.layout) for row in ok))
     if not ok:
         raise ValueError("nothing to plot: no provider was timed")
+    modes = [m for m in MODES if any(row.mode == m for row in ok)]
+    columns = list(dict.fromkeys((row.dtype, row.layout) for row in ok))
     shapes = list(dict.fromkeys(row.shape.label for row in rows))
     providers = list(dict.fromkeys(row.provider for row in ok))
     markers = "osD^v<>ph*"
