@@ -19,9 +19,9 @@ import triton.language as tl
 
 from dbn_kernels import reference
 
-from .launch import (device_guard, elementwise_plan, finalize_plan, kernel_input, reduce_plan,
-                     same_layout)
-from .tiling import elementwise_tile, reduction_tile
+from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
+                     kernel_input, reduce_plan, same_layout)
+from .tiling import elementwise_tile, reduction_tile, store_rounded
 
 
 @triton.jit
@@ -101,7 +101,8 @@ def backward_finalize(partial_ptr, splits, C, weight_ptr, invstd_ptr, batch_mean
 @triton.jit
 def backward_dx(dy_ptr, x_ptr, dx_ptr, coef_ptr, C, S, extent_a, b_blocks,
                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                ALIGN: tl.constexpr, INT64: tl.constexpr, GRAD_THROUGH_STATS: tl.constexpr):
+                ALIGN: tl.constexpr, INT64: tl.constexpr, GRAD_THROUGH_STATS: tl.constexpr,
+                EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
     a = tl.load(coef_ptr + chan, mask=chan_mask, other=0.0)
@@ -112,7 +113,7 @@ def backward_dx(dy_ptr, x_ptr, dx_ptr, coef_ptr, C, S, extent_a, b_blocks,
         shift = tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dx = dx + (b * x + shift)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    store_rounded(dx_ptr + offs, dx, mask, EMULATE_RTNE)
 
 
 def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
@@ -156,5 +157,7 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
             dy, xk, grad_x, coef, C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
             BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
             INT64=geo.int64, GRAD_THROUGH_STATS=bool(grad_through_stats),
-            num_warps=ew.num_warps)
+            EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+    if xk is not x:
+        grad_x = as_promised(grad_x, x)
     return grad_x, grad_weight, grad_bias

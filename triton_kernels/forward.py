@@ -22,8 +22,10 @@ import triton.language as tl
 
 from dbn_kernels import reference
 
-from .launch import (device_guard, elementwise_plan, finalize_plan, kernel_input, reduce_plan)
-from .tiling import elementwise_tile, lerp, merge_lanes, merge_pair, reduction_tile
+from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
+                     kernel_input, reduce_plan)
+from .tiling import (elementwise_tile, lerp, merge_lanes, merge_pair, reduction_tile,
+                     store_rounded)
 
 
 @triton.jit
@@ -74,7 +76,7 @@ def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, run
              alpha_scale, alpha_power, alpha_offset,
              HAS_COUNTER: tl.constexpr, HAS_DBN: tl.constexpr, HAS_RUNNING: tl.constexpr,
              CUMULATIVE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+             BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
@@ -108,8 +110,8 @@ def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, run
         old_std = tl.load(dbn_std_ptr + c, mask=keep, other=1.0).to(tl.float32)
         mu = lerp(old_mean, mean, a)
         sigma = lerp(old_std, std, a)
-        tl.store(dbn_mean_ptr + c, mu.to(dbn_mean_ptr.dtype.element_ty), mask=keep)
-        tl.store(dbn_std_ptr + c, sigma.to(dbn_std_ptr.dtype.element_ty), mask=keep)
+        store_rounded(dbn_mean_ptr + c, mu, keep, EMULATE_RTNE)
+        store_rounded(dbn_std_ptr + c, sigma, keep, EMULATE_RTNE)
         invstd = 1.0 / sigma
     else:
         a = tl.full([], 1.0, tl.float32)
@@ -124,8 +126,8 @@ def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, run
         old_rv = tl.load(running_var_ptr + c, mask=keep, other=1.0).to(tl.float32)
         new_rm = lerp(old_rm, mean, f)
         new_rv = lerp(old_rv, var * unbias, f)
-        tl.store(running_mean_ptr + c, new_rm.to(running_mean_ptr.dtype.element_ty), mask=keep)
-        tl.store(running_var_ptr + c, new_rv.to(running_var_ptr.dtype.element_ty), mask=keep)
+        store_rounded(running_mean_ptr + c, new_rm, keep, EMULATE_RTNE)
+        store_rounded(running_var_ptr + c, new_rv, keep, EMULATE_RTNE)
 
     tl.store(mean_ptr + c, mu, mask=keep)
     tl.store(invstd_ptr + c, invstd, mask=keep)
@@ -146,13 +148,13 @@ def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, run
 @triton.jit
 def normalize(x_ptr, y_ptr, affine_ptr, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr,
               BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-              INT64: tl.constexpr):
+              INT64: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
     scale = tl.load(affine_ptr + chan, mask=chan_mask, other=0.0)
     shift = tl.load(affine_ptr + C + chan, mask=chan_mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+    store_rounded(y_ptr + offs, x * scale + shift, mask, EMULATE_RTNE)
 
 
 @triton.jit
@@ -160,7 +162,7 @@ def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, inv
                    C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
                    SPREAD_IS_STD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
     # A handful of per-channel values per tile: cheaper than a separate launch.
@@ -178,7 +180,7 @@ def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, inv
     if HAS_BIAS:
         shift = shift + tl.load(bias_ptr + chan, mask=chan_mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+    store_rounded(y_ptr + offs, x * scale + shift, mask, EMULATE_RTNE)
 
 
 def _per_channel(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -236,11 +238,13 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
             HAS_COUNTER=has_counter, HAS_DBN=has_dbn, HAS_RUNNING=has_running,
             CUMULATIVE=momentum is None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, BLOCK_C=fin.block_c, BLOCK_SPLIT=fin.block_split,
-            num_warps=fin.num_warps)
+            EMULATE_RTNE=EMULATE_RTNE, num_warps=fin.num_warps)
         normalize[ew.grid](
             xk, y, affine, C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
             BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
-            INT64=geo.int64, num_warps=ew.num_warps)
+            INT64=geo.int64, EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+    if xk is not x:
+        y = as_promised(y, x)
     return y, mean, invstd, batch_mean, batch_invstd, alpha
 
 
@@ -260,5 +264,7 @@ def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
             ew.b_blocks, BLOCK_A=ew.block_a, BLOCK_B=ew.block_b,
             CHANNELS_LAST=geo.channels_last, ALIGN=geo.align, INT64=geo.int64,
             SPREAD_IS_STD=bool(spread_is_std), HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, num_warps=ew.num_warps)
+            HAS_BIAS=bias is not None, EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+    if xk is not x:
+        y = as_promised(y, x)
     return y, invstd

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 
 import torch
 
@@ -28,6 +29,9 @@ def _pow2(n: int) -> int:
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
+
+EMULATE_RTNE = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Read when the kernels are decorated, like Triton does: see ``tiling.store_rounded``."""
 
 # Offsets are int32 unless a tensor could reach 2**31 elements; masked lanes of the last tile may
 # point up to one tile past the end, hence the margin.
@@ -98,6 +102,15 @@ def kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
             x = x.contiguous()
             geo = geometry(x)
     return x, geo
+
+
+def as_promised(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (computed on ``kernel_input(x)``) with the strides of ``empty_like(x)``, which the
+    ops' fake implementations promise; differs only when ``x`` took the copying fallback."""
+    expected = torch.empty_like(x)
+    if expected.stride() == out.stride():
+        return out
+    return expected.copy_(out)
 
 
 def same_layout(t: torch.Tensor, like: torch.Tensor, geo: Geometry) -> torch.Tensor:

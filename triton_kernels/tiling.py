@@ -101,3 +101,18 @@ def lerp(start, end, weight):
     """torch.lerp's formula: exact at weight 1 (the first DBN step copies the batch statistics)."""
     return tl.where(weight < 0.5, start + weight * (end - start),
                     end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
+def store_rounded(ptr, value, mask, EMULATE_RTNE: tl.constexpr):
+    """Store float32 ``value`` in the pointee's dtype, rounding to nearest even as the GPU does.
+
+    Triton's interpreter truncates float32 -> bfloat16 instead, which would make CI measure an
+    error the GPU does not have; under the interpreter the rounding is done on the bits."""
+    dtype = ptr.dtype.element_ty
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, value.to(dtype), mask=mask)
