@@ -1,23 +1,208 @@
-"""Loading the compiled CUDA extension ``dbn_kernels._C`` (the ``dbn::cuda_*`` ops).
+"""Loading the CUDA extension (the ``dbn::cuda_*`` ops).
+
+Two routes give the ops:
+
+1. ``dbn_kernels._C``, built at install time by setup.py when the build could see a CUDA-enabled
+   torch and nvcc (``pip install --no-build-isolation .``);
+2. otherwise, on first use with a CUDA device and nvcc present, the sources shipped in the package
+   (``dbn_kernels/csrc``) are compiled once with ``torch.utils.cpp_extension.load`` (ninja, cached
+   in torch's extensions directory, ``TORCH_EXTENSIONS_DIR``), with a one-line message while it
+   compiles. ``DBN_KERNELS_NO_JIT=1`` switches this off.
 
 Importing ``dbn_kernels`` never fails because the extension is missing or stale: ``load()``
-returns ``None`` once the ops are registered, or a sentence saying why they are not and how to
-fix it, which ``backend="cuda"`` turns into a ``RuntimeError``.
+returns ``None`` once the ops are registered with the schemas of ``ops.SCHEMAS`` (and their fakes),
+or a sentence saying why they are not and how to fix it, which ``backend="cuda"`` turns into a
+``RuntimeError``. It never raises.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+JIT_NAME = "dbn_kernels_cuda"
+SOURCES = ("binding.cpp", "collect_stats.cu", "finalize.cu", "elementwise.cu", "backward_reduce.cu")
+"""Translation units of the extension (setup.py reads them from here): ninja compiles them in
+parallel. This module's top level imports only the standard library, because setup.py loads it
+standalone, before torch is known to be importable."""
+
+FIX = ("build it at install with `pip install --no-build-isolation .` (needs a CUDA-enabled torch, "
+       "nvcc of the same CUDA major version, ninja), or use backend='triton' / 'reference'")
+
+
+def schema_signature(schema) -> str:
+    """A parsed ``torch.FunctionSchema`` without its name: ``(args) -> (returns)``."""
+    text = str(schema)
+    return text[text.index("("):]
+
+
+def schema_mismatch() -> str | None:
+    """``None`` when every ``dbn::cuda_*`` op exists with the schema of ``ops.SCHEMAS``."""
+    import torch
+
+    from .ops import SCHEMAS, qualname
+
+    for entry, schema in SCHEMAS.items():
+        name = qualname("cuda", entry)
+        try:
+            actual = getattr(torch.ops.dbn, f"cuda_{entry}").default._schema
+        except (AttributeError, RuntimeError):
+            return f"the CUDA extension does not define {name} (stale build?)"
+        expected = torch._C.parse_schema(name + schema)
+        if schema_signature(actual) != schema_signature(expected):
+            return (f"the CUDA extension's {name} has schema {schema_signature(actual)} but this "
+                    f"dbn_kernels expects {schema_signature(expected)} (stale build)")
+    return None
+
+
+def find_cuda_home() -> str | None:
+    """A CUDA toolkit root with bin/nvcc and include/cuda_runtime_api.h (as setup.py finds it)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                       os.path.dirname(os.path.dirname(nvcc))]
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+                os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
+def library_includes(cuda_home: str, cuda_major: str) -> list[str]:
+    """``-isystem`` flags (searched after CUDA_HOME/include, so the toolkit's headers win) for the
+    CUDA library headers (cusparse.h, cublas_v2.h, ...) that torch's CUDA headers may include: a
+    full toolkit has them, a compiler-only install does not, and then the ones pip installed with
+    torch (site-packages/nvidia/cu<major>/include) are used."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    flags = []
+    for base in getattr(nvidia, "__path__", []):
+        inc = os.path.join(base, f"cu{cuda_major}", "include")
+        if os.path.isfile(os.path.join(inc, "cusparse.h")):
+            flags += ["-isystem", inc]
+    return flags
+
+
+def csrc_dir() -> Path | None:
+    """The shipped CUDA sources: package data of dbn_kernels.csrc, or csrc/ of a source tree."""
+    candidates = []
+    try:
+        spec = importlib.util.find_spec("dbn_kernels.csrc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) for p in spec.submodule_search_locations]
+    here = Path(__file__).resolve().parent
+    candidates += [here / "csrc", here.parent / "csrc"]
+    for d in candidates:
+        if all((d / s).is_file() for s in SOURCES):
+            return d
+    return None
+
+
+def nvcc_release(cuda_home: str) -> str | None:
+    """``"13.0"`` from ``nvcc --version``, or ``None``."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _needs_compile(cpp_extension, sources: list[str]) -> bool:
+    try:
+        build_dir = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
+    except Exception:
+        return True
+    built = glob.glob(os.path.join(build_dir, f"{JIT_NAME}*.so"))
+    if not built:
+        return True
+    newest_source = max(os.path.getmtime(s) for s in sources)
+    return max(os.path.getmtime(b) for b in built) < newest_source
+
+
+def compile_on_first_use() -> str | None:
+    """Compile and load the extension from the shipped sources; ``None`` or why it could not."""
+    if os.environ.get("DBN_KERNELS_NO_JIT", "0") == "1":
+        return "compiling on first use is switched off (DBN_KERNELS_NO_JIT=1)"
+    try:
+        import torch
+
+        if not torch.version.cuda:
+            return f"torch {torch.__version__} is not a CUDA build"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible, so it is not compiled on first use either"
+        cuda_home = find_cuda_home()
+        if cuda_home is None:
+            return "nvcc was not found (set CUDA_HOME), so it cannot be compiled on first use"
+        torch_major = torch.version.cuda.split(".")[0]
+        release = nvcc_release(cuda_home)
+        if release is None or release.split(".")[0] != torch_major:
+            return (f"nvcc in {cuda_home} is CUDA {release} but torch was built with CUDA "
+                    f"{torch.version.cuda}, so it cannot be compiled on first use")
+        src = csrc_dir()
+        if src is None:
+            return "the CUDA sources (dbn_kernels/csrc) are missing from this install"
+
+        from torch.utils import cpp_extension
+
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+        cpp_extension.CUDA_HOME = cuda_home
+        sources = [str(src / s) for s in SOURCES]
+        includes = library_includes(cuda_home, torch_major)
+        if _needs_compile(cpp_extension, sources):
+            print("dbn_kernels: compiling the CUDA kernels for this GPU (first use only, a few "
+                  "minutes; cached in torch's extensions directory) ...", file=sys.stderr,
+                  flush=True)
+        cpp_extension.load(
+            name=JIT_NAME,
+            sources=sources,
+            extra_include_paths=[str(src)],
+            extra_cflags=["-O3", *includes],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", *includes],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # never raise at import or backend resolution
+        detail = str(exc).strip().splitlines()
+        return (f"compiling it on first use failed ({type(exc).__name__}: "
+                f"{detail[-1] if detail else ''})")
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def load() -> str | None:
+    """Register the ``dbn::cuda_*`` ops (and their fakes); ``None``, or why not and the fix."""
     try:
         from . import _C  # noqa: F401  (registers dbn::cuda_* with torch.library)
-    except ImportError as exc:
-        return (f"the CUDA extension dbn_kernels._C is not built ({exc}); reinstall on a machine "
-                "with nvcc and a CUDA-enabled torch: pip install --no-build-isolation .")
-    from .ops import register_fakes
+    except Exception as exc:  # ImportError, or OSError/undefined symbols from a stale build
+        first = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {first[0] if first else ''}"
+        jit = compile_on_first_use()
+        if jit is not None:
+            return f"the CUDA extension dbn_kernels._C is not built ({why}); {jit}. Fix: {FIX}"
+    try:
+        mismatch = schema_mismatch()
+        if mismatch is not None:
+            return f"{mismatch}. Fix: {FIX}"
+        from .ops import register_fakes
 
-    register_fakes("cuda")
+        register_fakes("cuda")
+    except Exception as exc:
+        return f"the CUDA extension's ops could not be registered ({type(exc).__name__}: {exc})"
     return None

@@ -1,0 +1,138 @@
+// Host-side interface between binding.cpp (op registration, checks, planning) and the kernels in
+// the .cu files. Plain structs and launcher declarations only: no device code, so binding.cpp is
+// compiled by the host compiler and each .cu file is one nvcc translation unit.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <cuda_runtime_api.h>
+
+namespace dbn {
+
+constexpr int kThreads = 256;  // every kernel's block size
+
+// dtype codes of per-channel tensors (weight, bias, buffers): float32 or the input's dtype.
+enum ParamDType : int { kParamF32 = 0, kParamF16 = 1, kParamBF16 = 2 };
+
+// 32-bit division by a runtime constant with a multiply and a shift (Granlund-Montgomery), valid
+// for dividends and divisors below 2^31. Built on the host, used on the device.
+struct FastDiv {
+  uint32_t divisor = 1, magic = 0, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t d) : divisor(d) {
+    shift = 0;
+    while (shift < 32 && (uint64_t(1) << shift) < d) ++shift;
+    const uint64_t one = 1;
+    magic = static_cast<uint32_t>(((one << 32) * ((one << shift) - d)) / d + 1);
+  }
+};
+
+// How x (and dy, which is brought to the same layout) lies in memory.
+//   NCS: contiguous (N, C, *S): N*C rows of S = prod(S) elements, channel = row % C.
+//   NSC: channels last, (N, *S, C) in memory: M = N*S rows of C elements.
+struct Geometry {
+  int64_t N = 0, C = 0, S = 1, M = 0, numel = 0;
+  bool channels_last = false;
+};
+
+// Grid of the split (M x C) reductions: partial results per (channel, split), merged in a fixed
+// order by the finalize kernels. Partials are stored field-major, channel-major:
+// part[(field * C + c) * splits + split].
+struct ReducePlan {
+  Geometry g;
+  bool vec = false;         // 16-byte vector loads (aligned pointers, rows a multiple of the width)
+  int splits = 1;           // partials per channel (grid.y)
+  int grid_x = 1;           // NCS: C; NSC: channel tiles
+  // NCS: CTA (c, j) reads rows [N*jn/split_n, N*(jn+1)/split_n) x columns [js*chunk, +chunk)
+  int split_n = 1, split_s = 1;
+  int64_t chunk = 1;        // columns per split, a multiple of the load width
+  FastDiv units_div;        // divides the CTA-local unit index by chunk / width
+  // NSC: CTA (tile, j) reads rows [j*rows_per_split, +rows_per_split) of its tile's channels
+  int tx = 1, ty = kThreads;
+  int64_t rows_per_split = 1;
+};
+
+// y = in0 * p0[c] + (in1 ? in1 * p1[c] + p2[c] : (p2 ? p2[c] : 0)) element-wise, channel c of
+// each element from the geometry. Covers normalize (x, scale, shift) and dx (dy, A, x, B, C).
+struct AffinePlan {
+  Geometry g;
+  int mode = 0;             // 0: scalar; 1: vectors within one channel (NCS); 2: vectors across
+                            // consecutive channels (NSC)
+  bool wide_index = false;  // numel >= 2^31: 64-bit index arithmetic
+  int blocks = 1;
+  int64_t inner = 1;        // channel of element i = (i / inner) % C: S for NCS, 1 for NSC
+  FastDiv div_inner, div_c; // element -> channel for the 32-bit path
+};
+
+struct FinalizeTrainArgs {
+  const float* part = nullptr;  // 3 fields: mean, m2, count
+  int splits = 1;
+  int64_t C = 0;
+  float M = 0.f;                // values per channel
+  float eps = 0.f;
+  float unbias = 0.f;           // M / (M - 1)
+  bool has_momentum = false;
+  float momentum = 0.f;
+  float alpha_scale = 1.f, alpha_power = 0.f, alpha_offset = 0.f;
+  const int64_t* num_batches_tracked = nullptr;  // read here, incremented by the normalize pass
+  void* running_mean = nullptr; int running_mean_dt = 0;
+  void* running_var = nullptr;  int running_var_dt = 0;
+  void* dbn_mean = nullptr;     int dbn_mean_dt = 0;
+  void* dbn_std = nullptr;      int dbn_std_dt = 0;
+  const void* weight = nullptr; int weight_dt = 0;
+  const void* bias = nullptr;   int bias_dt = 0;
+  float* out_mean = nullptr;
+  float* out_invstd = nullptr;
+  float* out_batch_mean = nullptr;
+  float* out_batch_invstd = nullptr;
+  float* out_alpha = nullptr;
+  float* scale = nullptr;       // per channel, for the normalize pass
+  float* shift = nullptr;
+};
+
+struct EvalPrepareArgs {
+  int64_t C = 0;
+  const void* mean = nullptr;   int mean_dt = 0;
+  const void* spread = nullptr; int spread_dt = 0;
+  const void* weight = nullptr; int weight_dt = 0;
+  const void* bias = nullptr;   int bias_dt = 0;
+  float eps = 0.f;
+  bool spread_is_std = true;
+  float* out_invstd = nullptr;
+  float* scale = nullptr;
+  float* shift = nullptr;
+};
+
+struct FinalizeBackwardArgs {
+  const float* part = nullptr;  // 2 fields: sum(dy), sum(dy * (x - mean))
+  int splits = 1;
+  int64_t C = 0;
+  float M = 0.f;
+  const float* invstd = nullptr;
+  const float* batch_mean = nullptr;
+  const float* batch_invstd = nullptr;
+  const float* alpha = nullptr; // read only when grad_through_stats
+  const void* weight = nullptr; int weight_dt = 0;
+  bool grad_through_stats = false;
+  bool input_grad = false;
+  float* grad_weight = nullptr;
+  float* grad_bias = nullptr;
+  float* coef_a = nullptr;      // dx = A*dy + B*x + C
+  float* coef_b = nullptr;
+  float* coef_c = nullptr;
+};
+
+// Launchers (each checks its launch with C10_CUDA_KERNEL_LAUNCH_CHECK).
+void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* part,
+                          cudaStream_t stream);
+void launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const float* mean,
+                            const ReducePlan& plan, float* part, cudaStream_t stream);
+void launch_finalize_train(const FinalizeTrainArgs& args, cudaStream_t stream);
+void launch_eval_prepare(const EvalPrepareArgs& args, cudaStream_t stream);
+void launch_finalize_backward(const FinalizeBackwardArgs& args, cudaStream_t stream);
+void launch_channel_affine(const AffinePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
+                           at::Tensor& out, const float* p0, const float* p1, const float* p2,
+                           int64_t* counter, cudaStream_t stream);
+
+}  // namespace dbn
