@@ -21,7 +21,7 @@ from dbn_kernels import reference
 
 from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
                      kernel_input, reduce_plan, same_layout)
-from .tiling import elementwise_tile, reduction_tile, store_rounded
+from .tiling import along_channels, elementwise_tile, reduction_tile, store_rounded
 
 
 @triton.jit
@@ -105,12 +105,14 @@ def backward_dx(dy_ptr, x_ptr, dx_ptr, coef_ptr, C, S, extent_a, b_blocks,
                 EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
-    a = tl.load(coef_ptr + chan, mask=chan_mask, other=0.0)
+    a = along_channels(tl.load(coef_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dx = a * dy
     if GRAD_THROUGH_STATS:
-        b = tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0)
-        shift = tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0)
+        b = along_channels(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0),
+                           CHANNELS_LAST)
+        shift = along_channels(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
+                               CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dx = dx + (b * x + shift)
     store_rounded(dx_ptr + offs, dx, mask, EMULATE_RTNE)

@@ -24,7 +24,7 @@ from dbn_kernels import reference
 
 from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
                      kernel_input, reduce_plan)
-from .tiling import (elementwise_tile, lerp, merge_lanes, merge_pair, reduction_tile,
+from .tiling import (along_channels, elementwise_tile, lerp, merge_lanes, merge_pair, reduction_tile,
                      store_rounded)
 
 
@@ -151,8 +151,9 @@ def normalize(x_ptr, y_ptr, affine_ptr, C, S, extent_a, b_blocks, BLOCK_A: tl.co
               INT64: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
-    scale = tl.load(affine_ptr + chan, mask=chan_mask, other=0.0)
-    shift = tl.load(affine_ptr + C + chan, mask=chan_mask, other=0.0)
+    scale = along_channels(tl.load(affine_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
+    shift = along_channels(tl.load(affine_ptr + C + chan, mask=chan_mask, other=0.0),
+                           CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     store_rounded(y_ptr + offs, x * scale + shift, mask, EMULATE_RTNE)
 
@@ -179,6 +180,8 @@ def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, inv
     shift = -mean * scale
     if HAS_BIAS:
         shift = shift + tl.load(bias_ptr + chan, mask=chan_mask, other=0.0).to(tl.float32)
+    scale = along_channels(scale, CHANNELS_LAST)
+    shift = along_channels(shift, CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     store_rounded(y_ptr + offs, x * scale + shift, mask, EMULATE_RTNE)
 

@@ -130,10 +130,13 @@ class Tuning:
 
     elementwise_tile_bytes: int = 16384
     """Bytes of input per element-wise program (4096 fp32 or 8192 fp16/bf16 values)."""
-    reduce_tile: int = 4096
-    """Values per reduction tile; each needs three fp32 accumulators per lane in collect_stats."""
+    reduce_tile: int = 2048
+    """Values per reduction tile: eight per thread of 8 warps, each with three fp32 accumulators
+    in collect_stats (about 60 registers, so several programs fit on an SM)."""
     reduce_row_bytes: int = 256
     """Channel-inner reductions: bytes of one tile row (64 fp32 or 128 fp16 channels)."""
+    unaligned_elementwise_tile: int = 2048
+    """Values per element-wise program when rows cannot be read with 16-byte vectors."""
     elementwise_max_block_c: int = 256
     """Channel-inner element-wise tiles: channels per tile at most."""
     finalize_tile: int = 2048
@@ -237,6 +240,11 @@ class ElementwisePlan:
 def elementwise_plan(geo: Geometry, elem_size: int) -> ElementwisePlan:
     t = TUNING
     tile = max(1, t.elementwise_tile_bytes // elem_size)
+    if geo.align * elem_size < 16:
+        # Rows that do not start on 16-byte boundaries (7x7 planes, odd C) load one value per
+        # instruction, each with its own 64-bit address: smaller tiles keep registers, and so
+        # resident warps, in check.
+        tile = min(tile, t.unaligned_elementwise_tile)
     if geo.channels_last:
         extent_a, extent_b = geo.M, geo.C
         block_b = min(_pow2(extent_b), t.elementwise_max_block_c, tile)

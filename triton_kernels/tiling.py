@@ -23,22 +23,24 @@ def reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R: tl.constexpr,
     """
     r = tl.arange(0, BLOCK_R)
     if CHANNELS_LAST:
+        # ALIGN divides C: rewriting C so lets Triton prove that rows start on vector
+        # boundaries and that the mask is constant per vector, so accesses vectorise.
+        C = (C // ALIGN) * ALIGN
         if INT64:
             rows = (tl.zeros([BLOCK_R], tl.int64) + t) * BLOCK_R + r
         else:
             rows = t * BLOCK_R + r
-        row_start = tl.multiple_of(rows * C, ALIGN)
-        offs = row_start[:, None] + c[None, :]
+        offs = rows[:, None] * C + c[None, :]
         mask = (rows < M)[:, None] & (c < C)[None, :]
     else:
+        S = (S // ALIGN) * ALIGN  # as C above
         n = t // s_blocks
         s = (t - n * s_blocks) * BLOCK_R + r
         if INT64:
             planes = (c.to(tl.int64) * 0 + n) * C + c
         else:
             planes = n * C + c
-        plane_start = tl.multiple_of(planes * S, ALIGN)
-        offs = plane_start[:, None] + s[None, :]
+        offs = planes[:, None] * S + s[None, :]
         mask = (c < C)[:, None] & (s < S)[None, :]
     return offs, mask
 
@@ -47,9 +49,12 @@ def reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R: tl.constexpr,
 def elementwise_tile(pid, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
     """Tile ``pid`` of an element-wise pass over [extent_a, extent_b] (channel-inner: M rows by C
-    channels; spatial-inner: N*C planes by S positions). Returns the offsets, the mask, the
-    channel of each column (or row) with its mask, and ``first``: the lanes of each channel's
-    first tile, which write per-channel outputs exactly once."""
+    channels; spatial-inner: N*C planes by S positions).
+
+    Returns the offsets and mask of the tile, the channel of each of its columns (channel-inner)
+    or rows (spatial-inner) as a vector with its mask, and ``first``: the channels whose first
+    tile this is, for per-channel outputs written exactly once. Per-channel values are loaded
+    as vectors and broadcast with ``along_channels``."""
     pid_a = pid // b_blocks
     pid_b = pid - pid_a * b_blocks
     a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -59,20 +64,30 @@ def elementwise_tile(pid, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK
     else:
         a_wide = a
     if CHANNELS_LAST:
-        start = tl.multiple_of(a_wide * C, ALIGN)
-        offs = start[:, None] + b[None, :]
+        C = (C // ALIGN) * ALIGN  # see reduction_tile
+        offs = a_wide[:, None] * C + b[None, :]
         mask = (a < extent_a)[:, None] & (b < C)[None, :]
-        chan = b[None, :]
-        chan_mask = (b < C)[None, :]
+        chan = b
+        chan_mask = b < C
         first = chan_mask & (pid_a == 0)
     else:
-        start = tl.multiple_of(a_wide * S, ALIGN)
-        offs = start[:, None] + b[None, :]
+        S = (S // ALIGN) * ALIGN
+        offs = a_wide[:, None] * S + b[None, :]
         mask = (a < extent_a)[:, None] & (b < S)[None, :]
-        chan = (a % C)[:, None]
-        chan_mask = (a < extent_a)[:, None]
-        first = (a < C)[:, None] & (pid_b == 0)
+        chan = a % C
+        chan_mask = a < extent_a
+        first = (a < C) & (pid_b == 0)
     return offs, mask, chan, chan_mask, first
+
+
+@triton.jit
+def along_channels(v, CHANNELS_LAST: tl.constexpr):
+    """A per-channel vector of an element-wise tile, shaped to broadcast against the tile."""
+    if CHANNELS_LAST:
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
 
 
 @triton.jit
