@@ -5,22 +5,42 @@
 //
 // float64 input is not compiled into the kernels: it is re-dispatched to the reference backend
 // (dbn::reference_*, defined when dbn_kernels is imported), which computes in float64.
+//
+// Under DBN_EMULATION (emulation/emulate.cpp) this file is compiled as host C++ together with the
+// .cu files, registering dbn::emu_* ops for CPU tensors that run the same host logic and the same
+// kernels on CPU threads (tests/test_cuda.py checks them against the reference without a GPU).
+#ifndef DBN_EMULATION
 #include <Python.h>
+#endif
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+#ifndef DBN_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include "dbn_launch.h"
+
+#ifdef DBN_EMULATION
+#define DBN_OP_PREFIX "emu_"
+#define DBN_DISPATCH_KEY CPU
+#define DBN_DEVICE_GUARD(x)
+#else
+#define DBN_OP_PREFIX "cuda_"
+#define DBN_DISPATCH_KEY CUDA
+#define DBN_DEVICE_GUARD(x) const c10::cuda::CUDAGuard device_guard((x).device())
+#endif
 
 namespace dbn {
 namespace {
@@ -77,6 +97,18 @@ bool aligned16(const Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
+#ifdef DBN_EMULATION
+int num_sms(c10::DeviceIndex) {
+  const char* env = std::getenv("DBN_EMULATION_SMS");  // the grid shape depends on it
+  return env != nullptr ? std::max(1, std::atoi(env)) : 4;
+}
+
+cudaStream_t current_stream(const Tensor&) { return nullptr; }
+#else
+cudaStream_t current_stream(const Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+}
+
 int num_sms(c10::DeviceIndex device) {
   static std::array<std::atomic<int>, 64> cache{};
   if (device >= 0 && device < 64) {
@@ -88,6 +120,7 @@ int num_sms(c10::DeviceIndex device) {
   if (device >= 0 && device < 64) cache[device].store(value, std::memory_order_relaxed);
   return value;
 }
+#endif
 
 int param_dt(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -98,7 +131,11 @@ int param_dt(const Tensor& t) {
 }
 
 void check_input(const Tensor& x, const char* op) {
+#ifdef DBN_EMULATION
+  TORCH_CHECK(x.is_cpu(), op, ": the emulation runs on CPU tensors, got one on ", x.device());
+#else
   TORCH_CHECK(x.is_cuda(), op, ": the cuda backend needs a CUDA tensor, got one on ", x.device());
+#endif
   TORCH_CHECK(x.dim() >= 2, op, ": expected an input of shape (N, C, *), got ", x.dim(),
               "D input");
   const auto dt = x.scalar_type();
@@ -342,7 +379,7 @@ TrainForwardOut train_forward(const Tensor& x, const OptTensor& weight, const Op
                     num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset);
   }
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  DBN_DEVICE_GUARD(x);
   const auto fopts = x.options().dtype(at::kFloat);
   if (x.numel() == 0) {
     // As nn.BatchNorm: an empty batch leaves the statistics alone and still counts a step.
@@ -353,7 +390,7 @@ TrainForwardOut train_forward(const Tensor& x, const OptTensor& weight, const Op
             at::ones({}, fopts)};
   }
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const cudaStream_t stream = current_stream(x);
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
   const ReducePlan rp = plan_reduce(g, xc.element_size(), aligned16(xc), sms);
@@ -433,12 +470,12 @@ std::tuple<Tensor, Tensor> eval_forward(const Tensor& x, const OptTensor& weight
     return ref.call(x, weight, bias, mean, spread, eps, spread_is_std);
   }
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  DBN_DEVICE_GUARD(x);
   const int64_t C = x.size(1);
   const auto fopts = x.options().dtype(at::kFloat);
   Tensor invstd = at::empty({C}, fopts);
   if (C == 0) return {at::empty_like(x, at::MemoryFormat::Preserve), invstd};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const cudaStream_t stream = current_stream(x);
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
 
@@ -509,14 +546,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
                     grad_through_stats, input_grad);
   }
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  DBN_DEVICE_GUARD(x);
   const auto fopts = x.options().dtype(at::kFloat);
   if (x.numel() == 0) {
     Tensor grad_x = input_grad ? at::empty_like(x, at::MemoryFormat::Preserve)
                                : at::empty({0}, x.options());
     return {grad_x, at::zeros({C}, fopts), at::zeros({C}, fopts)};
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const cudaStream_t stream = current_stream(x);
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
   const Tensor dy = match_layout(grad_y, xc, g);
@@ -574,19 +611,21 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
 }  // namespace dbn
 
 TORCH_LIBRARY_FRAGMENT(dbn, m) {
-  m.def((std::string("cuda_train_forward") + dbn::kTrainForwardSchema).c_str());
-  m.def((std::string("cuda_eval_forward") + dbn::kEvalForwardSchema).c_str());
-  m.def((std::string("cuda_backward") + dbn::kBackwardSchema).c_str());
+  m.def((std::string(DBN_OP_PREFIX "train_forward") + dbn::kTrainForwardSchema).c_str());
+  m.def((std::string(DBN_OP_PREFIX "eval_forward") + dbn::kEvalForwardSchema).c_str());
+  m.def((std::string(DBN_OP_PREFIX "backward") + dbn::kBackwardSchema).c_str());
 }
 
-TORCH_LIBRARY_IMPL(dbn, CUDA, m) {
-  m.impl("cuda_train_forward", &dbn::train_forward);
-  m.impl("cuda_eval_forward", &dbn::eval_forward);
-  m.impl("cuda_backward", &dbn::backward);
+TORCH_LIBRARY_IMPL(dbn, DBN_DISPATCH_KEY, m) {
+  m.impl(DBN_OP_PREFIX "train_forward", &dbn::train_forward);
+  m.impl(DBN_OP_PREFIX "eval_forward", &dbn::eval_forward);
+  m.impl(DBN_OP_PREFIX "backward", &dbn::backward);
 }
 
+#ifndef DBN_EMULATION
 // `import dbn_kernels._C` needs a module init function; the ops above register on load.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

@@ -5,12 +5,26 @@
 
 #include <cstdint>
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_runtime.h>
+#ifndef DBN_EMULATION
+#include <c10/cuda/CUDAException.h>
+#endif
 
 #include "dbn_launch.h"
+
+// Launch on `stream` and check the launch. KERNEL is one name (a function pointer for templates).
+// Under DBN_EMULATION (emulation/cuda_emu.h) the grid runs on CPU threads instead.
+#ifdef DBN_EMULATION
+#define DBN_LAUNCH(KERNEL, GRID, BLOCK, STREAM, ...) \
+  ::dbn::emu::launch(KERNEL, dim3(GRID), dim3(BLOCK), __VA_ARGS__)
+#else
+#define DBN_LAUNCH(KERNEL, GRID, BLOCK, STREAM, ...)   \
+  do {                                               \
+    KERNEL<<<GRID, BLOCK, 0, STREAM>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                  \
+  } while (0)
+#endif
 
 namespace dbn {
 

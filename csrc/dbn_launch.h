@@ -6,7 +6,14 @@
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
+
+#ifdef DBN_EMULATION
+// CPU emulation build (emulation/): the same sources compiled as host C++.
+struct CUstream_st;
+typedef struct CUstream_st* cudaStream_t;
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 namespace dbn {
 
@@ -123,7 +130,7 @@ struct FinalizeBackwardArgs {
   float* coef_c = nullptr;
 };
 
-// Launchers (each checks its launch with C10_CUDA_KERNEL_LAUNCH_CHECK).
+// Launchers (each launch is checked with C10_CUDA_KERNEL_LAUNCH_CHECK, see DBN_LAUNCH).
 void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* part,
                           cudaStream_t stream);
 void launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const float* mean,

@@ -122,11 +122,12 @@ void launch_channel_affine(const AffinePlan& plan, const at::Tensor& in0, const 
     AffineArgs a{in0.const_data_ptr(), in1 != nullptr ? in1->const_data_ptr() : nullptr,
                  out.data_ptr(), p0, p1, p2, counter};
     if (plan.wide_index) {
-      channel_affine_kernel<scalar_t, uint64_t><<<plan.blocks, kThreads, 0, stream>>>(a, plan);
+      const auto kernel = channel_affine_kernel<scalar_t, uint64_t>;
+      DBN_LAUNCH(kernel, plan.blocks, kThreads, stream, a, plan);
     } else {
-      channel_affine_kernel<scalar_t, uint32_t><<<plan.blocks, kThreads, 0, stream>>>(a, plan);
+      const auto kernel = channel_affine_kernel<scalar_t, uint32_t>;
+      DBN_LAUNCH(kernel, plan.blocks, kThreads, stream, a, plan);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -132,19 +132,16 @@ int warp_blocks(int64_t C) {
 }  // namespace
 
 void launch_finalize_train(const FinalizeTrainArgs& args, cudaStream_t stream) {
-  finalize_train_kernel<<<warp_blocks(args.C), kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DBN_LAUNCH(finalize_train_kernel, warp_blocks(args.C), kThreads, stream, args);
 }
 
 void launch_eval_prepare(const EvalPrepareArgs& args, cudaStream_t stream) {
   const int blocks = static_cast<int>((args.C + kThreads - 1) / kThreads);
-  eval_prepare_kernel<<<blocks, kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DBN_LAUNCH(eval_prepare_kernel, blocks, kThreads, stream, args);
 }
 
 void launch_finalize_backward(const FinalizeBackwardArgs& args, cudaStream_t stream) {
-  finalize_backward_kernel<<<warp_blocks(args.C), kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DBN_LAUNCH(finalize_backward_kernel, warp_blocks(args.C), kThreads, stream, args);
 }
 
 }  // namespace dbn

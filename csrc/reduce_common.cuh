@@ -214,12 +214,13 @@ void launch_reduce(const T* x, const T* dy, const float* center, const ReducePla
                    cudaStream_t stream) {
   if (p.g.channels_last) {
     const dim3 grid(p.grid_x, p.splits), block(p.tx, p.ty);
-    reduce_nsc_kernel<T, Op><<<grid, block, 0, stream>>>(x, dy, center, p, part);
+    const auto kernel = reduce_nsc_kernel<T, Op>;
+    DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part);
   } else {
     const dim3 grid(p.grid_x, p.splits), block(kThreads);
-    reduce_ncs_kernel<T, Op><<<grid, block, 0, stream>>>(x, dy, center, p, part);
+    const auto kernel = reduce_ncs_kernel<T, Op>;
+    DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace dbn
