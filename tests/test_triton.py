@@ -237,10 +237,11 @@ def test_buffer_variants(case, layout):
 
 
 def test_first_step_copies_batch_statistics():
+    """a_1 = 1 whatever the schedule says (here a constant 0.25)."""
     C = 4
     st = make_state(C)
     x = make_x((3, C, 5, 5), torch.float32, "contiguous")
-    out = train(TRAIN, x, None, None, st)
+    out = train(TRAIN, x, None, None, st, schedule=(0.25, 0.0, 0.0))
     assert st["num_batches_tracked"].item() == 1 and out[5].item() == 1.0
     torch.testing.assert_close(st["dbn_mean"], out[3], rtol=0, atol=0)
     torch.testing.assert_close(st["dbn_std"], 1 / out[4], rtol=1e-6, atol=0)
@@ -458,6 +459,27 @@ def test_64bit_offsets(monkeypatch, layout):
     y64, _ = REF_EVAL(x.double(), dbl(w), dbl(b), st["dbn_mean"].double(),
                       st["dbn_std"].double(), EPS, True)
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_classification():
+    """Which (N, C, S) view the kernels take: the contiguous dimension must be the inner one."""
+    def kind(t):
+        geo = launch.geometry(t)
+        return None if geo is None else ("channel-inner" if geo.channels_last else "spatial-inner")
+
+    cl = torch.channels_last
+    assert kind(torch.empty(6, 5)) == "channel-inner"
+    assert kind(torch.empty(6, 5, 1, 1)) == "channel-inner"  # S = 1: channels are contiguous
+    assert kind(torch.empty(6, 5, 1, 1).to(memory_format=cl)) == "channel-inner"
+    assert kind(torch.empty(6, 5, 3, 4)) == "spatial-inner"
+    assert kind(torch.empty(6, 5, 3, 4).to(memory_format=cl)) == "channel-inner"
+    assert kind(torch.empty(6, 1, 3, 4).to(memory_format=cl)) == "spatial-inner"  # C = 1
+    assert kind(torch.empty(2, 5, 3, 4, 2).to(memory_format=torch.channels_last_3d)) \
+        == "channel-inner"
+    assert kind(torch.empty(6, 5, 3, 4)[:, :, ::2]) is None
+    assert kind(torch.empty(4, 3, 5, 7).permute(1, 2, 3, 0)) is None
+    geo = launch.geometry(torch.empty(4, 8, 14, 14))
+    assert (geo.N, geo.C, geo.S, geo.M, geo.align) == (4, 8, 196, 784, 4)
 
 
 def test_int64_threshold():
