@@ -446,7 +446,11 @@ TrainForwardOut train_forward(const Tensor& x, const OptTensor& weight, const Op
 
   // The normalize pass also increments num_batches_tracked (after finalize has read it).
   const AffinePlan ap = plan_affine(g, xc.element_size(), aligned16(xc) && aligned16(yk), sms);
-  launch_channel_affine(ap, xc, nullptr, yk, scale, nullptr, shift, counter, stream);
+  AffineCoefs coefs;
+  coefs.k0 = fa.out_mean;
+  coefs.p0 = scale;
+  coefs.p2 = shift;
+  launch_channel_affine(ap, xc, nullptr, yk, coefs, counter, stream);
   if (!yk.is_same(y)) y.copy_(yk);
   rm.finish();
   rv.finish();
@@ -479,9 +483,10 @@ std::tuple<Tensor, Tensor> eval_forward(const Tensor& x, const OptTensor& weight
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
 
-  Tensor ws = at::empty({2 * C}, fopts);
+  Tensor ws = at::empty({3 * C}, fopts);
   float* scale = ws.data_ptr<float>();
   float* shift = scale + C;
+  float* center = shift + C;
   const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
   const Tensor m = mean.contiguous(), s = spread.contiguous();
   auto [y, yk] = output_like(x, xc, g);
@@ -501,11 +506,16 @@ std::tuple<Tensor, Tensor> eval_forward(const Tensor& x, const OptTensor& weight
   ea.out_invstd = invstd.data_ptr<float>();
   ea.scale = scale;
   ea.shift = shift;
+  ea.center = center;
   launch_eval_prepare(ea, stream);
 
   if (x.numel() > 0) {
     const AffinePlan ap = plan_affine(g, xc.element_size(), aligned16(xc) && aligned16(yk), sms);
-    launch_channel_affine(ap, xc, nullptr, yk, scale, nullptr, shift, nullptr, stream);
+    AffineCoefs coefs;
+    coefs.k0 = center;
+    coefs.p0 = scale;
+    coefs.p2 = shift;
+    launch_channel_affine(ap, xc, nullptr, yk, coefs, nullptr, stream);
     if (!yk.is_same(y)) y.copy_(yk);
   }
   return {y, invstd};
@@ -599,10 +609,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
   auto [grad_x, dk] = output_like(x, xc, g);
   const bool aligned = aligned16(xc) && aligned16(dy) && aligned16(dk);
   const AffinePlan ap = plan_affine(g, xc.element_size(), aligned, sms);
-  // a_g = 0: dx = A * dy, x is not read.
-  launch_channel_affine(ap, dy, grad_through_stats ? &xc : nullptr, dk, fb.coef_a,
-                        grad_through_stats ? fb.coef_b : nullptr,
-                        grad_through_stats ? fb.coef_c : nullptr, nullptr, stream);
+  AffineCoefs coefs;  // dx = A * dy + (B * (x - m_B) + C); a_g = 0: dx = A * dy, x is not read
+  coefs.p0 = fb.coef_a;
+  if (grad_through_stats) {
+    coefs.k1 = fb.batch_mean;
+    coefs.p1 = fb.coef_b;
+    coefs.p2 = fb.coef_c;
+  }
+  launch_channel_affine(ap, dy, grad_through_stats ? &xc : nullptr, dk, coefs, nullptr, stream);
   if (!dk.is_same(grad_x)) grad_x.copy_(dk);
   return {grad_x, grad_weight, grad_bias};
 }

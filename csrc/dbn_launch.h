@@ -60,8 +60,20 @@ struct ReducePlan {
   int64_t rows_per_split = 1;
 };
 
-// y = in0 * p0[c] + (in1 ? in1 * p1[c] + p2[c] : (p2 ? p2[c] : 0)) element-wise, channel c of
-// each element from the geometry. Covers normalize (x, scale, shift) and dx (dy, A, x, B, C).
+// Per-channel float32 coefficients of the element-wise pass (null pointers read as 0):
+//   out = (in0 - k0[c]) * p0[c] + ((in1 - k1[c]) * p1[c] + p2[c])      (in1 term only with in1)
+// Normalize: in0 = x, k0 = mu, p0 = gamma/sigma, p2 = beta. Backward: in0 = dy, p0 = A, in1 = x,
+// k1 = m_B, p1 = B, p2 = C. Centering before scaling keeps |mean| >> std inputs accurate (the
+// folded x * scale + shift would lose the low bits of shift = -mean * scale).
+struct AffineCoefs {
+  const float* k0 = nullptr;
+  const float* p0 = nullptr;
+  const float* k1 = nullptr;
+  const float* p1 = nullptr;
+  const float* p2 = nullptr;
+};
+
+// The element-wise pass's launch plan; the channel c of each element comes from the geometry.
 struct AffinePlan {
   Geometry g;
   int mode = 0;             // 0: scalar; 1: vectors within one channel (NCS); 2: vectors across
@@ -94,8 +106,8 @@ struct FinalizeTrainArgs {
   float* out_batch_mean = nullptr;
   float* out_batch_invstd = nullptr;
   float* out_alpha = nullptr;
-  float* scale = nullptr;       // per channel, for the normalize pass
-  float* shift = nullptr;
+  float* scale = nullptr;       // per channel, for the normalize pass: gamma / sigma_k
+  float* shift = nullptr;       // beta (0 without bias); the center mu_k is out_mean
 };
 
 struct EvalPrepareArgs {
@@ -107,8 +119,9 @@ struct EvalPrepareArgs {
   float eps = 0.f;
   bool spread_is_std = true;
   float* out_invstd = nullptr;
-  float* scale = nullptr;
-  float* shift = nullptr;
+  float* scale = nullptr;       // gamma / sigma
+  float* shift = nullptr;       // beta (0 without bias)
+  float* center = nullptr;      // mean, as float32
 };
 
 struct FinalizeBackwardArgs {
@@ -125,7 +138,7 @@ struct FinalizeBackwardArgs {
   bool input_grad = false;
   float* grad_weight = nullptr;
   float* grad_bias = nullptr;
-  float* coef_a = nullptr;      // dx = A*dy + B*x + C
+  float* coef_a = nullptr;      // dx = A*dy + B*(x - m_B) + C (SPEC's A*dy + B*x + C, centered)
   float* coef_b = nullptr;
   float* coef_c = nullptr;
 };
@@ -139,7 +152,7 @@ void launch_finalize_train(const FinalizeTrainArgs& args, cudaStream_t stream);
 void launch_eval_prepare(const EvalPrepareArgs& args, cudaStream_t stream);
 void launch_finalize_backward(const FinalizeBackwardArgs& args, cudaStream_t stream);
 void launch_channel_affine(const AffinePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
-                           at::Tensor& out, const float* p0, const float* p1, const float* p2,
-                           int64_t* counter, cudaStream_t stream);
+                           at::Tensor& out, const AffineCoefs& coefs, int64_t* counter,
+                           cudaStream_t stream);
 
 }  // namespace dbn

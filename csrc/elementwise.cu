@@ -1,7 +1,7 @@
-// The element-wise passes: out = in0 * p0[c] + (in1 * p1[c] + p2[c]) with per-channel fp32
-// coefficients computed by the finalize kernels:
-//   normalize / eval:  y  = x * scale + shift           (one FMA per element)
-//   backward:          dx = dy * A + (x * B + C)        (or dy * A when a_g = 0: x is not read)
+// The element-wise passes: out = (in0 - k0[c]) * p0[c] + ((in1 - k1[c]) * p1[c] + p2[c]) with
+// per-channel fp32 coefficients computed by the finalize kernels (AffineCoefs):
+//   normalize / eval:  y  = (x - mu) * scale + beta            (a subtract and an FMA)
+//   backward:          dx = dy * A + ((x - m_B) * B + C)       (dy * A when a_g = 0: x not read)
 //
 // One grid-stride kernel per (dtype, index width). Modes, chosen on the host:
 //   1  NCS, S a multiple of the vector width: each 16-byte vector lies in one channel;
@@ -22,9 +22,7 @@ struct AffineArgs {
   const void* in0;
   const void* in1;  // may be null
   void* out;
-  const float* p0;
-  const float* p1;  // read when in1
-  const float* p2;  // may be null: 0
+  AffineCoefs k;    // null coefficient pointers read as 0
   int64_t* counter; // incremented once (num_batches_tracked), may be null
 };
 
@@ -54,21 +52,23 @@ __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePla
   const I units = static_cast<I>(p.g.numel) / U;
   constexpr int kUnroll = unroll_for<U>();
   const I step = static_cast<I>(gridDim.x) * kThreads * kUnroll;
-  const bool has_in1 = in1 != nullptr, has_p2 = a.p2 != nullptr;
+  const AffineCoefs& k = a.k;
+  const bool has_in1 = in1 != nullptr, has_k0 = k.k0 != nullptr, has_k1 = k.k1 != nullptr,
+             has_p2 = k.p2 != nullptr;
   for (I base = static_cast<I>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < units;
        base += step) {
     float v0[kUnroll][U], v1[kUnroll][U];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const I u = base + static_cast<I>(k) * kThreads;
+    for (int r = 0; r < kUnroll; ++r) {
+      const I u = base + static_cast<I>(r) * kThreads;
       if (u < units) {
-        load_as_float<T, U>(in0 + u * U, v0[k]);
-        if (has_in1) load_as_float<T, U>(in1 + u * U, v1[k]);
+        load_as_float<T, U>(in0 + u * U, v0[r]);
+        if (has_in1) load_as_float<T, U>(in1 + u * U, v1[r]);
       }
     }
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const I u = base + static_cast<I>(k) * kThreads;
+    for (int r = 0; r < kUnroll; ++r) {
+      const I u = base + static_cast<I>(r) * kThreads;
       if (u >= units) continue;
       const I i = u * U;
       float o[U];
@@ -77,25 +77,23 @@ __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePla
         const I c0 = mod_c(i, p);
 #pragma unroll
         for (int e = 0; e < U; ++e) {
-          const float q = has_in1 ? fmaf(v1[k][e], a.p1[c0 + e], has_p2 ? a.p2[c0 + e] : 0.f)
-                                  : (has_p2 ? a.p2[c0 + e] : 0.f);
-          o[e] = fmaf(v0[k][e], a.p0[c0 + e], q);
-        }
-      } else if (MODE == 1) {
-        const I c = channel_of(i, p);
-        const float s0 = a.p0[c];
-        const float s1 = has_in1 ? a.p1[c] : 0.f;
-        const float s2 = has_p2 ? a.p2[c] : 0.f;
-#pragma unroll
-        for (int e = 0; e < U; ++e) {
-          const float q = has_in1 ? fmaf(v1[k][e], s1, s2) : s2;
-          o[e] = fmaf(v0[k][e], s0, q);
+          const I c = c0 + e;
+          const float q = has_in1 ? fmaf(v1[r][e] - (has_k1 ? k.k1[c] : 0.f), k.p1[c],
+                                         has_p2 ? k.p2[c] : 0.f)
+                                  : (has_p2 ? k.p2[c] : 0.f);
+          o[e] = fmaf(v0[r][e] - (has_k0 ? k.k0[c] : 0.f), k.p0[c], q);
         }
       } else {
+        // MODE 1: the U elements share one channel; MODE 0: U == 1.
         const I c = channel_of(i, p);
-        const float q = has_in1 ? fmaf(v1[k][0], a.p1[c], has_p2 ? a.p2[c] : 0.f)
-                                : (has_p2 ? a.p2[c] : 0.f);
-        o[0] = fmaf(v0[k][0], a.p0[c], q);
+        const float k0 = has_k0 ? k.k0[c] : 0.f, s0 = k.p0[c];
+        const float k1 = has_in1 && has_k1 ? k.k1[c] : 0.f, s1 = has_in1 ? k.p1[c] : 0.f;
+        const float s2 = has_p2 ? k.p2[c] : 0.f;
+#pragma unroll
+        for (int e = 0; e < U; ++e) {
+          const float q = has_in1 ? fmaf(v1[r][e] - k1, s1, s2) : s2;
+          o[e] = fmaf(v0[r][e] - k0, s0, q);
+        }
       }
       store_from_float<T, U>(out + i, o);
     }
@@ -116,11 +114,11 @@ __global__ void __launch_bounds__(kThreads) channel_affine_kernel(AffineArgs a, 
 }  // namespace
 
 void launch_channel_affine(const AffinePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
-                           at::Tensor& out, const float* p0, const float* p1, const float* p2,
-                           int64_t* counter, cudaStream_t stream) {
+                           at::Tensor& out, const AffineCoefs& coefs, int64_t* counter,
+                           cudaStream_t stream) {
   DBN_DISPATCH_FLOAT_TYPES(in0.scalar_type(), "dbn channel_affine", [&] {
     AffineArgs a{in0.const_data_ptr(), in1 != nullptr ? in1->const_data_ptr() : nullptr,
-                 out.data_ptr(), p0, p1, p2, counter};
+                 out.data_ptr(), coefs, counter};
     if (plan.wide_index) {
       const auto kernel = channel_affine_kernel<scalar_t, uint64_t>;
       DBN_LAUNCH(kernel, plan.blocks, kThreads, stream, a, plan);

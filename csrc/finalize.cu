@@ -3,8 +3,8 @@
 //
 //   finalize_train     batch statistics -> a_k from num_batches_tracked (on the device), the
 //                      dbn_mean / dbn_std / running_mean / running_var updates, the saved tensors,
-//                      and the normalize pass's per-channel scale and shift;
-//   eval_prepare       stored statistics -> invstd, scale and shift;
+//                      and the normalize pass's per-channel scale and shift (center: mean);
+//   eval_prepare       stored statistics -> invstd, scale, shift and center;
 //   finalize_backward  sums -> grad_weight, grad_bias and the dx coefficients A, B, C.
 //
 // One warp per channel: lane l merges partials l, l + 32, ... in order, then a fixed shuffle tree.
@@ -68,12 +68,8 @@ __global__ void __launch_bounds__(kThreads) finalize_train_kernel(FinalizeTrainA
   a.out_batch_invstd[c] = 1.f / batch_std;
   if (c == 0) *a.out_alpha = alpha;
 
-  const float scale =
-      a.weight != nullptr ? invstd * load_param(a.weight, a.weight_dt, c) : invstd;
-  float shift = __fmul_rn(-mean, scale);
-  if (a.bias != nullptr) shift = __fadd_rn(shift, load_param(a.bias, a.bias_dt, c));
-  a.scale[c] = scale;
-  a.shift[c] = shift;
+  a.scale[c] = a.weight != nullptr ? invstd * load_param(a.weight, a.weight_dt, c) : invstd;
+  a.shift[c] = a.bias != nullptr ? load_param(a.bias, a.bias_dt, c) : 0.f;
 }
 
 __global__ void __launch_bounds__(kThreads) eval_prepare_kernel(EvalPrepareArgs a) {
@@ -83,12 +79,9 @@ __global__ void __launch_bounds__(kThreads) eval_prepare_kernel(EvalPrepareArgs 
   const float spread = load_param(a.spread, a.spread_dt, c);
   const float invstd = a.spread_is_std ? 1.f / spread : 1.f / sqrtf(spread + a.eps);
   a.out_invstd[c] = invstd;
-  const float scale =
-      a.weight != nullptr ? invstd * load_param(a.weight, a.weight_dt, c) : invstd;
-  float shift = __fmul_rn(-mean, scale);
-  if (a.bias != nullptr) shift = __fadd_rn(shift, load_param(a.bias, a.bias_dt, c));
-  a.scale[c] = scale;
-  a.shift[c] = shift;
+  a.scale[c] = a.weight != nullptr ? invstd * load_param(a.weight, a.weight_dt, c) : invstd;
+  a.shift[c] = a.bias != nullptr ? load_param(a.bias, a.bias_dt, c) : 0.f;
+  a.center[c] = mean;
 }
 
 __global__ void __launch_bounds__(kThreads) finalize_backward_kernel(FinalizeBackwardArgs a) {
@@ -106,7 +99,8 @@ __global__ void __launch_bounds__(kThreads) finalize_backward_kernel(FinalizeBac
   warp_reduce<GradSumOp>(st);
   if (lane != 0) return;
 
-  // SPEC section 2, mirroring reference.backward.
+  // SPEC section 2 as reference.backward computes it, with C's -B * m_B term moved into the
+  // element-wise pass as B * (x - m_B).
   const float invstd = a.invstd[c];
   const float sum_dy = st[0];
   const float sum_dy_xhat = st[1] * invstd;  // sum(dy * (x - mean)) / sig_k
@@ -118,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) finalize_backward_kernel(FinalizeBac
   if (a.grad_through_stats) {
     const float alpha = *a.alpha;
     B = -A * alpha * sum_dy_xhat * a.batch_invstd[c] / a.M;
-    Cc = -A * alpha * sum_dy / a.M - B * a.batch_mean[c];
+    Cc = -A * alpha * sum_dy / a.M;
   }
   a.coef_a[c] = A;
   a.coef_b[c] = B;
