@@ -416,7 +416,8 @@ def test_backward_without_input_grad():
 # ---- splits, finalize steps, 64-bit offsets, non-dense inputs -----------------------------------
 
 TINY = launch.Tuning(elementwise_tile_bytes=64, unaligned_elementwise_tile=16, reduce_tile=8,
-                     reduce_row_bytes=8, elementwise_max_block_c=4, finalize_tile=8, finalize_max_splits=4,
+                     reduce_min_even_bytes=8, reduce_row_bytes=8, elementwise_max_block_c=4,
+                     finalize_tile=8, finalize_max_splits=4,
                      programs_per_sm=64, interpreter_programs=64, max_warps=2)
 
 
@@ -430,6 +431,10 @@ def test_many_splits_and_finalize_steps(monkeypatch, layout):
     # the point of this test: several splits, several finalize steps, several channel blocks
     assert plan.splits > 2 * fin.block_split and plan.c_blocks > 1 and fin.programs > 1
     assert launch.elementwise_plan(geo, 4).b_blocks > 1
+    if layout == "channels_last":  # both of collect_stats' loops: full tiles and the tail
+        assert 0 < plan.full_tiles < plan.tiles and geo.M % plan.block_r
+    else:
+        assert plan.full_tiles == plan.tiles
     C = shape[1]
     w, b = params(C)
     st = make_state(C)

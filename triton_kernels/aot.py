@@ -36,7 +36,7 @@ class Variant:
 
     def describe(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
-        ptrs = ",".join(f"{v[1:]}" for v in self.args.values() if isinstance(v, str) and v[0] == "*")
+        ptrs = ",".join(v[1:] for v in self.args.values() if isinstance(v, str) and v[0] == "*")
         return f"{self.kernel.__name__}[{ptrs}]({flags})"
 
 
@@ -63,13 +63,14 @@ def variants():
         shape = {"C": geo.C, "S": geo.S}
         reduce_args = {**shape, "M": geo.M, "s_blocks": rp.s_blocks, "tiles": rp.tiles,
                        "tiles_per_split": rp.tiles_per_split}
+        stats_args = {**reduce_args, "full_tiles": rp.full_tiles}
         reduce_blocks = {"BLOCK_C": rp.block_c, "BLOCK_R": rp.block_r}
         ew_args = {**shape, "extent_a": ep.extent_a, "b_blocks": ep.b_blocks}
         ew_blocks = {"BLOCK_A": ep.block_a, "BLOCK_B": ep.block_b, "EMULATE_RTNE": False}
         for bump in (True, False):
             out.append(Variant(fwd.collect_stats,
                                {"x_ptr": dt, "partial_ptr": "*fp32", "counter_ptr": "*i64",
-                                **reduce_args},
+                                **stats_args},
                                {**reduce_blocks, **layout, "BUMP_COUNTER": bump}, rp.num_warps))
         out.append(Variant(fwd.normalize, {"x_ptr": dt, "y_ptr": dt, "affine_ptr": "*fp32",
                                            **ew_args}, {**ew_blocks, **layout}, ep.num_warps))

@@ -24,27 +24,41 @@ from dbn_kernels import reference
 
 from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
                      kernel_input, reduce_plan)
-from .tiling import (along_channels, elementwise_tile, lerp, merge_lanes, merge_pair, reduction_tile,
-                     store_rounded)
+from .tiling import (along_channels, elementwise_tile, lerp, merge_lanes, merge_pair,
+                     reduction_tile, store_rounded)
 
 
 @triton.jit
-def collect_stats(x_ptr, partial_ptr, counter_ptr, C, S, M, s_blocks, tiles, tiles_per_split,
-                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                  ALIGN: tl.constexpr, INT64: tl.constexpr, BUMP_COUNTER: tl.constexpr):
+def collect_stats(x_ptr, partial_ptr, counter_ptr, C, S, M, s_blocks, tiles, full_tiles,
+                  tiles_per_split, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
+                  BUMP_COUNTER: tl.constexpr):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if CHANNELS_LAST:
         mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        real_channel = (c < C)[None, :]
     else:
         mean = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+        real_channel = (c < C)[:, None]
     m2 = tl.zeros_like(mean)
-    count = tl.zeros_like(mean)
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tiles)
-    for t in range(t_begin, t_end):
+    # Tiles before full_tiles have a value in every lane: all lanes share one count, and the
+    # Welford update costs one reciprocal per tile instead of a division per value (this loop
+    # is what bounds the kernel's instruction rate for 16-bit inputs).
+    t_full = tl.minimum(t_end, tl.maximum(full_tiles, t_begin))
+    for t in range(t_begin, t_full):
+        offs, mask = reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R, CHANNELS_LAST, ALIGN, INT64)
+        x = tl.load(x_ptr + offs, mask=real_channel, other=0.0).to(tl.float32)
+        delta = x - mean
+        mean += delta * (1.0 / (t - t_begin + 1).to(tl.float32))
+        m2 += delta * (x - mean)
+    count = tl.zeros_like(mean) + (t_full - t_begin).to(tl.float32)
+    # Partial tiles (the end of M; planes whose length BLOCK_R does not divide): per-lane counts.
+    for t in range(t_full, t_end):
         offs, mask = reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R, CHANNELS_LAST, ALIGN, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         count += mask.to(tl.float32)
@@ -226,9 +240,9 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     with device_guard(x):
         collect_stats[plan.grid](
             xk, partial, num_batches_tracked if has_counter else unused, C, geo.S, M,
-            plan.s_blocks, plan.tiles, plan.tiles_per_split, BLOCK_C=plan.block_c,
-            BLOCK_R=plan.block_r, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
-            INT64=geo.int64, BUMP_COUNTER=has_counter, num_warps=plan.num_warps)
+            plan.s_blocks, plan.tiles, plan.full_tiles, plan.tiles_per_split,
+            BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, CHANNELS_LAST=geo.channels_last,
+            ALIGN=geo.align, INT64=geo.int64, BUMP_COUNTER=has_counter, num_warps=plan.num_warps)
         finalize[fin.grid](
             partial, plan.splits, C, num_batches_tracked if has_counter else unused,
             dbn_mean if has_dbn else unused, dbn_std if has_dbn else unused,

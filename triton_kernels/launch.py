@@ -133,6 +133,10 @@ class Tuning:
     reduce_tile: int = 2048
     """Values per reduction tile: eight per thread of 8 warps, each with three fp32 accumulators
     in collect_stats (about 60 registers, so several programs fit on an SM)."""
+    reduce_min_even_bytes: int = 64
+    """Spatial-inner reductions use tiles of S's largest power-of-two divisor when rows of that
+    many bytes are still worth reading (3136 = 64*49 positions: 64), so that no tile is partial;
+    else one masked tile spans the plane (49 or 196 positions)."""
     reduce_row_bytes: int = 256
     """Channel-inner reductions: bytes of one tile row (64 fp32 or 128 fp16 channels)."""
     unaligned_elementwise_tile: int = 2048
@@ -186,6 +190,8 @@ class ReducePlan:
     c_blocks: int
     s_blocks: int
     tiles: int
+    full_tiles: int
+    """Tiles [0, full_tiles) have no masked positions (collect_stats' fast loop)."""
     tiles_per_split: int
     splits: int
     num_warps: int
@@ -202,17 +208,24 @@ def reduce_plan(geo: Geometry, elem_size: int, device: torch.device) -> ReducePl
         block_r = max(1, min(_pow2(geo.M), t.reduce_tile // block_c))
         s_blocks = 1
         tiles = _cdiv(geo.M, block_r)
+        full_tiles = geo.M // block_r
     else:
-        block_r = min(_pow2(geo.S), t.reduce_tile)
+        even = geo.S & -geo.S  # the largest power of two dividing S
+        if even * elem_size >= t.reduce_min_even_bytes:
+            block_r = min(even, t.reduce_tile)  # divides S: every tile is full
+        else:
+            block_r = min(_pow2(geo.S), t.reduce_tile)
         block_c = max(1, min(_pow2(geo.C), t.reduce_tile // block_r))
         s_blocks = _cdiv(geo.S, block_r)
         tiles = geo.N * s_blocks
+        full_tiles = tiles if geo.S % block_r == 0 else 0
     c_blocks = _cdiv(geo.C, block_c)
     splits_wanted = max(1, target_programs(device) // c_blocks)
     tiles_per_split = _cdiv(tiles, min(tiles, splits_wanted))
     splits = _cdiv(tiles, tiles_per_split)
     return ReducePlan(block_c=block_c, block_r=block_r, c_blocks=c_blocks, s_blocks=s_blocks,
-                      tiles=tiles, tiles_per_split=tiles_per_split, splits=splits,
+                      tiles=tiles, full_tiles=full_tiles, tiles_per_split=tiles_per_split,
+                      splits=splits,
                       num_warps=_warps(block_c * block_r))
 
 
