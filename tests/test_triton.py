@@ -509,6 +509,28 @@ def test_non_dense_input(kind):
     check_backward(x, torch.randn_like(x), w, out, out64, True)
 
 
+def test_strided_buffers_are_updated_in_place():
+    """Buffers that are not dense vectors go to the reference path, still updated in place."""
+    C = 3
+    backing = make_state(2 * C)
+    st = {k: v if k == "num_batches_tracked" else v[::2] for k, v in backing.items()}
+    ref = as_double(st)
+    x = make_x((4, C, 5, 5), torch.float32, "channels_last")
+    check_train_step(x, None, None, st, ref)
+    assert_buffers_close(st, ref, exact_dtype=True)
+    torch.testing.assert_close(backing["dbn_mean"][::2].double(), ref["dbn_mean"])
+
+
+def test_empty_input():
+    x = torch.empty(0, 3, 4, 4, device=DEVICE)
+    y, invstd = EVAL(x, None, None, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE),
+                     EPS, True)
+    assert y.shape == x.shape and invstd.shape == (3,)
+    stat = torch.ones(3, device=DEVICE)
+    dx, gw, gb = BACKWARD(x, x, None, stat, stat, stat, stat, stat.new_ones(()), True, True)
+    assert dx.shape == x.shape and torch.equal(gb, torch.zeros(3, device=DEVICE))
+
+
 # ---- determinism -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tuning", ["default", "tiny"])

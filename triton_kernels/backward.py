@@ -120,7 +120,7 @@ def backward_dx(dy_ptr, x_ptr, dx_ptr, coef_ptr, C, S, extent_a, b_blocks,
 
 def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
              grad_through_stats, input_grad):
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or x.numel() == 0:
         return reference.backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd,
                                   alpha, grad_through_stats, input_grad)
     xk, geo = kernel_input(x)

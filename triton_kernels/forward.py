@@ -211,9 +211,10 @@ def _in_place_ok(*buffers) -> bool:
 
 def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                   num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
-    if x.dtype == torch.float64 or not _in_place_ok(running_mean, running_var, dbn_mean, dbn_std,
-                                                    num_batches_tracked):
-        # float64 is the reference's job (Triton would accumulate in float32).
+    if (x.dtype == torch.float64 or x.numel() == 0
+            or not _in_place_ok(running_mean, running_var, dbn_mean, dbn_std)):
+        # float64 is the reference's job (Triton would accumulate in float32); so are empty
+        # inputs (the layers never pass them) and buffers that are not dense vectors.
         return reference.train_forward(x, weight, bias, running_mean, running_var, dbn_mean,
                                        dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
                                        alpha_power, alpha_offset)
@@ -266,7 +267,7 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
 
 
 def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or x.numel() == 0:
         return reference.eval_forward(x, weight, bias, mean, spread, eps, spread_is_std)
     xk, geo = kernel_input(x)
     weight, bias = _per_channel(weight), _per_channel(bias)

@@ -35,10 +35,11 @@ def reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R: tl.constexpr,
     else:
         S = (S // ALIGN) * ALIGN  # as C above
         n = t // s_blocks
-        s = (t - n * s_blocks) * BLOCK_R + r
         if INT64:
+            s = (tl.zeros([BLOCK_R], tl.int64) + (t - n * s_blocks)) * BLOCK_R + r
             planes = (c.to(tl.int64) * 0 + n) * C + c
         else:
+            s = (t - n * s_blocks) * BLOCK_R + r
             planes = n * C + c
         offs = planes[:, None] * S + s[None, :]
         mask = (c < C)[:, None] & (s < S)[None, :]
@@ -57,22 +58,21 @@ def elementwise_tile(pid, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK
     as vectors and broadcast with ``along_channels``."""
     pid_a = pid // b_blocks
     pid_b = pid - pid_a * b_blocks
+    if INT64:
+        pid_a = pid_a.to(tl.int64)
+        pid_b = pid_b.to(tl.int64)
     a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    if INT64:
-        a_wide = a.to(tl.int64)
-    else:
-        a_wide = a
     if CHANNELS_LAST:
         C = (C // ALIGN) * ALIGN  # see reduction_tile
-        offs = a_wide[:, None] * C + b[None, :]
+        offs = a[:, None] * C + b[None, :]
         mask = (a < extent_a)[:, None] & (b < C)[None, :]
         chan = b
         chan_mask = b < C
         first = chan_mask & (pid_a == 0)
     else:
         S = (S // ALIGN) * ALIGN
-        offs = a_wide[:, None] * S + b[None, :]
+        offs = a[:, None] * S + b[None, :]
         mask = (a < extent_a)[:, None] & (b < S)[None, :]
         chan = a % C
         chan_mask = a < extent_a
