@@ -609,6 +609,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "dbn_kernels.triton_kernels.aot", "--arch", "80",
                            "90"], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode == importlib.import_module("dbn_kernels.triton_kernels.aot").API_MISMATCH:
+        pytest.skip(proc.stdout.strip()[-500:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failure(s)" in proc.stdout
 

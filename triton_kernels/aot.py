@@ -186,6 +186,23 @@ def report(kernel) -> str:
     return f"regs={regs} {' '.join(widths)}"
 
 
+def _probe_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+    return Variant(probe, {"x_ptr": "*fp32", "n": 7}, {"BLOCK": 16}, 1)
+
+
+API_MISMATCH = 2
+"""Exit status when even a trivial kernel does not compile this way: this Triton's
+ahead-of-time API differs from what this module knows, which says nothing about our kernels."""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90])
@@ -193,6 +210,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import dbn_kernels.triton_kernels  # noqa: F401
 
+    try:
+        compile_variant(_probe_kernel(), args.arch[0])
+    except Exception as exc:
+        print(f"cannot compile a trivial kernel ahead of time: {type(exc).__name__}: {exc}")
+        return API_MISMATCH
     failures = 0
     for arch in args.arch:
         for v in variants():
