@@ -26,7 +26,7 @@ import dbn_kernels as dbn
 from dbn_kernels import ops
 
 pytest.importorskip("triton")
-tk = pytest.importorskip("dbn_kernels.triton_kernels")
+pytest.importorskip("dbn_kernels.triton_kernels")
 # the package re-exports functions named like its modules: fetch the modules themselves
 tk_forward = importlib.import_module("dbn_kernels.triton_kernels.forward")
 tk_backward = importlib.import_module("dbn_kernels.triton_kernels.backward")
