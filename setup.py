@@ -6,7 +6,8 @@ added when the build can see a CUDA-enabled torch and an nvcc of the same CUDA m
                                            # extension is compiled on first use (_extension.py)
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), MAX_JOBS (parallel nvcc jobs, read by
-torch's ninja build), CUDA_HOME (otherwise found from nvcc), DBN_KERNELS_NO_CUDA_BUILD=1 (skip).
+torch's ninja build), CUDA_HOME (otherwise found from nvcc), DBN_KERNELS_NO_CUDA_BUILD=1 (skip),
+DBN_KERNELS_REQUIRE_CUDA_BUILD=1 (CI: a missing prerequisite fails the install instead).
 A compile error in csrc/ fails the install; a missing prerequisite only skips the extension, with
 one line saying why.
 """
@@ -51,34 +52,39 @@ def _note(message: str) -> None:
     print(f"dbn_kernels setup: {message}", file=sys.stderr, flush=True)
 
 
+def _skip(message: str):
+    """No extension: one line saying why (or, with DBN_KERNELS_REQUIRE_CUDA_BUILD=1, an error)."""
+    if os.environ.get("DBN_KERNELS_REQUIRE_CUDA_BUILD", "0") == "1":
+        raise RuntimeError(f"DBN_KERNELS_REQUIRE_CUDA_BUILD=1 but the CUDA extension cannot be "
+                           f"built: {message}")
+    _note(message)
+    return [], {}
+
+
 def cuda_build():
     """(ext_modules, cmdclass) for the extension, or ([], {}) with a one-line note why not."""
     if os.environ.get("DBN_KERNELS_NO_CUDA_BUILD", "0") == "1":
-        _note("DBN_KERNELS_NO_CUDA_BUILD=1: installing the pure-Python package "
-              "(the CUDA kernels compile on first use)")
-        return [], {}
+        return _skip("DBN_KERNELS_NO_CUDA_BUILD=1: installing the pure-Python package "
+                     "(the CUDA kernels compile on first use)")
     try:
         import torch
     except ImportError:
-        _note("torch is not importable in this build environment (pip's build isolation?): "
-              "installing the pure-Python package; the CUDA kernels compile on first use, or "
-              "build them now with `pip install --no-build-isolation .`")
-        return [], {}
+        return _skip("torch is not importable in this build environment (pip's build "
+                     "isolation?): installing the pure-Python package; the CUDA kernels compile "
+                     "on first use, or build them now with `pip install --no-build-isolation .`")
     if not torch.version.cuda:
-        _note(f"torch {torch.__version__} is not a CUDA build: installing the pure-Python package")
-        return [], {}
+        return _skip(f"torch {torch.__version__} is not a CUDA build: installing the pure-Python "
+                     "package")
     cuda_home = HELPERS.find_cuda_home()
     if cuda_home is None:
-        _note("nvcc not found (set CUDA_HOME): installing the pure-Python package; the CUDA "
-              "kernels compile on first use once nvcc is available")
-        return [], {}
+        return _skip("nvcc not found (set CUDA_HOME): installing the pure-Python package; the "
+                     "CUDA kernels compile on first use once nvcc is available")
     release = HELPERS.nvcc_release(cuda_home)
     torch_major = torch.version.cuda.split(".")[0]
     if release is None or release.split(".")[0] != torch_major:
-        _note(f"nvcc in {cuda_home} is CUDA {release} but torch {torch.__version__} was built "
-              f"with CUDA {torch.version.cuda}: installing the pure-Python package "
-              "(install an nvcc of the same major version and reinstall)")
-        return [], {}
+        return _skip(f"nvcc in {cuda_home} is CUDA {release} but torch {torch.__version__} was "
+                     f"built with CUDA {torch.version.cuda}: installing the pure-Python package "
+                     "(install an nvcc of the same major version and reinstall)")
 
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)

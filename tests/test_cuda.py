@@ -427,6 +427,27 @@ def test_invalid_input_leaves_buffers_alone(runner):
 
 # ---- GPU only: the modules, torch.compile, CUDA graphs, 64-bit indexing -------------------------
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(cuda_ops, layout):
+    """The declared mutations are the real ones, and the fakes agree with the kernels (shapes,
+    dtypes, strides)."""
+    x = make_x((4, 8, 6, 6), torch.bfloat16, layout, "cuda")
+    bufs = init_buffers(8, "cuda")
+    k = torch.tensor(2, device="cuda")
+    w, b = torch.rand(8, device="cuda") + 0.5, torch.randn(8, device="cuda")
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.dbn.cuda_train_forward.default,
+                          (x, w, b, *bufs, k, 0.1, EPS, 0.5, 1.0, 0.0), test_utils=utils)
+    out = torch.ops.dbn.cuda_train_forward(x, w, b, *bufs, k, 0.1, EPS, 0.5, 1.0, 0.0)
+    torch.library.opcheck(torch.ops.dbn.cuda_eval_forward.default,
+                          (x, w, b, bufs[2], bufs[3], EPS, True), test_utils=utils)
+    for input_grad in (True, False):
+        torch.library.opcheck(torch.ops.dbn.cuda_backward.default,
+                              (torch.randn_like(x), x, w, *out[1:], True, input_grad),
+                              test_utils=utils)
+
+
 def _module_pair(cls, C, dtype_params=torch.float32, **kwargs):
     torch.manual_seed(0)
     m = cls(C, backend="cuda", **kwargs).cuda()

@@ -1,0 +1,152 @@
+"""The CUDA extension's build and registration (CPU tests: no GPU needed).
+
+When dbn_kernels._C is built (CI builds it for sm_80 and sm_90): it imports, registers
+dbn::cuda_train_forward / cuda_eval_forward / cuda_backward with exactly the schemas of
+``ops.SCHEMAS`` and the shared fake implementations. When it is not: ``import dbn_kernels`` still
+works and ``backend="cuda"`` raises a ``RuntimeError`` saying why and how to fix it.
+
+With DBN_KERNELS_REQUIRE_CUDA_BUILD=1 (CI) a missing extension fails here instead of skipping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dbn_kernels as dbn
+from dbn_kernels import _extension, backends, ops
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = importlib.util.find_spec("dbn_kernels._C") is not None
+REQUIRED = os.environ.get("DBN_KERNELS_REQUIRE_CUDA_BUILD", "0") == "1"
+
+
+@pytest.fixture
+def built():
+    if not BUILT:
+        if REQUIRED:
+            pytest.fail("DBN_KERNELS_REQUIRE_CUDA_BUILD=1 but dbn_kernels._C is not built")
+        pytest.skip("dbn_kernels._C is not built in this install")
+    reason = _extension.load()
+    assert reason is None, reason
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env}, cwd=ROOT)
+
+
+# ---- built -------------------------------------------------------------------------------------
+
+def test_extension_imports_and_loads(built):
+    import dbn_kernels._C  # noqa: F401
+
+    assert backends.unavailable_reason("cuda", "cuda") is None
+
+
+@pytest.mark.parametrize("entry", list(ops.SCHEMAS))
+def test_schemas_match_ops(built, entry):
+    name = ops.qualname("cuda", entry)
+    actual = getattr(torch.ops.dbn, f"cuda_{entry}").default._schema
+    expected = torch._C.parse_schema(name + ops.SCHEMAS[entry])
+    assert _extension.schema_signature(actual) == _extension.schema_signature(expected)
+    # The same arguments, types and mutation annotations, and the same returns.
+    describe = lambda s: [(a.name, str(a.type), a.alias_info is not None and  # noqa: E731
+                           a.alias_info.is_write) for a in s.arguments]
+    assert describe(actual) == describe(expected)
+    assert [(r.name, str(r.type)) for r in actual.returns] == \
+        [(r.name, str(r.type)) for r in expected.returns]
+
+
+def test_fakes_registered(built):
+    """torch.compile traces the ops through the shared fakes: shapes, dtypes, memory format."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 3, 5, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        stat = torch.empty(3)
+        k = torch.zeros((), dtype=torch.long)
+        y, *saved = torch.ops.dbn.cuda_train_forward(x, stat, stat, stat, stat, stat, stat, k,
+                                                     0.1, 1e-5, 0.25, 0.0, 0.0)
+        assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride()
+        assert [t.shape for t in saved] == [(3,)] * 4 + [()]
+        assert all(t.dtype == torch.float32 for t in saved)
+        y2, invstd = torch.ops.dbn.cuda_eval_forward(x, None, None, stat, stat, 1e-5, True)
+        assert y2.stride() == x.stride() and invstd.shape == (3,)
+        dx, gw, gb = torch.ops.dbn.cuda_backward(y, x, None, *saved, True, True)
+        assert dx.stride() == x.stride() and gw.shape == gb.shape == (3,)
+        dx, _, _ = torch.ops.dbn.cuda_backward(y, x, None, *saved, True, False)
+        assert dx.numel() == 0
+    # Meta tensors take the same path.
+    xm = torch.empty(2, 4, 3, device="meta")
+    out = torch.ops.dbn.cuda_train_forward(xm, None, None, None, None, None, None, None, 0.1,
+                                           1e-5, 1.0, 0.0, 0.0)
+    assert out[0].shape == xm.shape and out[1].shape == (4,)
+
+
+# ---- not built, or not runnable here ------------------------------------------------------------
+
+def test_cpu_input_with_cuda_backend_raises():
+    with pytest.raises(RuntimeError, match="cuda backend needs a CUDA tensor"):
+        dbn.BatchNorm2d(3, backend="cuda")(torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("jit", ["off", "default"])
+def test_missing_extension_never_breaks_import(jit):
+    """As if dbn_kernels._C were not built: import works, load() returns the reason and the fix,
+    backend='cuda' raises RuntimeError. Without a GPU nothing is compiled on first use."""
+    if jit == "default" and torch.cuda.is_available():
+        pytest.skip("would compile the extension on first use (a GPU is present)")
+    code = (
+        "import sys\n"
+        "sys.modules['dbn_kernels._C'] = None  # import of it fails as when not built\n"
+        "import torch, dbn_kernels\n"
+        "from dbn_kernels import _extension, backends\n"
+        "reason = _extension.load()\n"
+        "print('REASON', reason)\n"
+        "try:\n"
+        "    backends.resolve('cuda', torch.device('cuda'))\n"
+        "except RuntimeError as exc:\n"
+        "    print('RAISED', exc)\n"
+        "print('BACKENDS', dbn_kernels.available_backends('cpu'))\n")
+    env = {"DBN_KERNELS_NO_JIT": "1"} if jit == "off" else {}
+    proc = _run(code, **env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "REASON the CUDA extension dbn_kernels._C is not built" in out
+    assert "pip install --no-build-isolation ." in out
+    assert "RAISED dbn_kernels backend 'cuda' cannot run here" in out
+    assert "BACKENDS" in out and "'reference'" in out
+    if jit == "off":
+        assert "DBN_KERNELS_NO_JIT=1" in out
+    else:
+        assert "no CUDA device is visible" in out
+
+
+# ---- the build's inputs ----------------------------------------------------------------------------
+
+def test_sources_listed_and_shipped():
+    """Every translation unit in csrc/ is built, and the sources are found for a first-use build."""
+    on_disk = {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp")}
+    assert on_disk == set(_extension.SOURCES)
+    found = _extension.csrc_dir()
+    assert found is not None
+    assert all((found / s).is_file() for s in _extension.SOURCES)
+    for header in ("dbn_common.cuh", "dbn_launch.h", "reduce_common.cuh"):
+        assert (found / header).is_file()
+
+
+def test_setup_without_cuda_build_installs_pure_python():
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "DBN_KERNELS_NO_CUDA_BUILD": "1",
+                               "DBN_KERNELS_REQUIRE_CUDA_BUILD": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == dbn.__version__
+    assert "installing the pure-Python package" in proc.stderr
