@@ -236,11 +236,12 @@ std::pair<Tensor, Tensor> output_like(const Tensor& x, const Tensor& xc, const G
 }
 
 // ---- planning ------------------------------------------------------------------------------------
-ReducePlan plan_reduce(const Geometry& g, int64_t esize, bool aligned, int sms) {
+// blocks_per_sm: resident CTAs per SM of the kernel; the grid is one full wave of them.
+ReducePlan plan_reduce(const Geometry& g, int64_t esize, bool aligned, int sms, int blocks_per_sm) {
   ReducePlan p;
   p.g = g;
   const int64_t V = 16 / esize;
-  const int64_t target = static_cast<int64_t>(sms) * (2048 / kThreads);  // one full wave
+  const int64_t target = static_cast<int64_t>(sms) * blocks_per_sm;
   constexpr int64_t kMaxSplits = 65535;
   if (!g.channels_last) {
     p.vec = aligned && g.S % V == 0;
@@ -393,7 +394,9 @@ TrainForwardOut train_forward(const Tensor& x, const OptTensor& weight, const Op
   const cudaStream_t stream = current_stream(x);
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
-  const ReducePlan rp = plan_reduce(g, xc.element_size(), aligned16(xc), sms);
+  const ReducePlan rp =
+      plan_reduce(g, xc.element_size(), aligned16(xc), sms,
+                  collect_stats_blocks_per_sm(xc.scalar_type(), g.channels_last));
 
   Tensor ws = at::empty({3 * C * rp.splits + 2 * C}, fopts);
   float* part = ws.data_ptr<float>();
@@ -568,7 +571,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
   auto [xc, g] = supported_layout(x);
   const Tensor dy = match_layout(grad_y, xc, g);
   const ReducePlan rp =
-      plan_reduce(g, xc.element_size(), aligned16(xc) && aligned16(dy), sms);
+      plan_reduce(g, xc.element_size(), aligned16(xc) && aligned16(dy), sms,
+                  backward_reduce_blocks_per_sm(xc.scalar_type(), g.channels_last));
 
   const Tensor mean_f = mean.to(at::kFloat).contiguous();
   const Tensor invstd_f = invstd.to(at::kFloat).contiguous();

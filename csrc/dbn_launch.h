@@ -143,6 +143,10 @@ struct FinalizeBackwardArgs {
   float* coef_c = nullptr;
 };
 
+// Resident CTAs per SM of the reduction kernels (occupancy on the current device, cached).
+int collect_stats_blocks_per_sm(at::ScalarType dtype, bool channels_last);
+int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last);
+
 // Launchers (each launch is checked with C10_CUDA_KERNEL_LAUNCH_CHECK, see DBN_LAUNCH).
 void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* part,
                           cudaStream_t stream);

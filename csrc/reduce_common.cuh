@@ -4,6 +4,10 @@
 // kernels merge the partials of a channel in split order. No atomics: bitwise reproducible.
 #pragma once
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+
 #include "dbn_common.cuh"
 
 namespace dbn {
@@ -205,6 +209,42 @@ reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
         for (int f = 0; f < kF; ++f) part[(f * C + c0 + k) * splits + j] = st[f][k];
       }
     }
+  }
+}
+
+// Resident CTAs per SM of the reduction kernel for this layout on the current device: the planner
+// sizes the grid to exactly one full wave (every CTA resident at once, equal work, no tail).
+template <typename T, class Op>
+int reduce_blocks_per_sm(bool channels_last) {
+#ifdef DBN_EMULATION
+  (void)channels_last;
+  return 2048 / kThreads;
+#else
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::array<std::atomic<int>, 128> cache{};
+  std::atomic<int>& slot = cache[(device % 64) * 2 + (channels_last ? 1 : 0)];
+  int blocks = slot.load(std::memory_order_relaxed);
+  if (blocks > 0) return blocks;
+  if (channels_last) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, reduce_nsc_kernel<T, Op>, kThreads, 0));
+  } else {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, reduce_ncs_kernel<T, Op>, kThreads, 0));
+  }
+  blocks = std::max(blocks, 1);
+  slot.store(blocks, std::memory_order_relaxed);
+  return blocks;
+#endif
+}
+
+template <class Op>
+int reduce_blocks_per_sm_for(at::ScalarType dtype, bool channels_last) {
+  switch (dtype) {
+    case at::ScalarType::Half: return reduce_blocks_per_sm<c10::Half, Op>(channels_last);
+    case at::ScalarType::BFloat16: return reduce_blocks_per_sm<c10::BFloat16, Op>(channels_last);
+    default: return reduce_blocks_per_sm<float, Op>(channels_last);
   }
 }
 
