@@ -142,9 +142,11 @@ def run_model_benchmark(model_name: str, variants: list[str], batch: int, image_
     base, source = resnet50()
     timer = Timer(device, GPU_STEP_SETTINGS if device.type == "cuda" else CPU_STEP_SETTINGS)
     rows: list[ModelRow] = []
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # what a training script sets for fixed shapes
-    try:
+    cudnn = torch.backends.cudnn
+    # cudnn.benchmark on, as a training script with fixed shapes sets it; the flags context
+    # restores everything afterwards (and is allowed where global flag mutation is not).
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
+                     allow_tf32=cudnn.allow_tf32):
         for dtype_name in dtypes:
             for layout in layouts:
                 group = []
@@ -160,6 +162,4 @@ def run_model_benchmark(model_name: str, variants: list[str], batch: int, image_
                     if torch_row and r.timing:
                         r.speedup_vs_torch = torch_row.median_ms / r.median_ms
                 rows += group
-    finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
     return rows, source
