@@ -129,6 +129,33 @@ def test_missing_extension_never_breaks_import(jit):
         assert "no CUDA device is visible" in out
 
 
+@pytest.mark.slow
+def test_compile_on_first_use(tmp_path):
+    """The plain `pip install .` route: no _C, so the shipped sources are compiled once with
+    ninja into torch's extensions dir (a one-line message), and a second process reuses the build
+    silently. Without a GPU here, torch.cuda.is_available is patched and one arch is built."""
+    if _extension.find_cuda_home() is None or not torch.version.cuda:
+        pytest.skip("needs nvcc and a CUDA-enabled torch")
+    code = (
+        "import sys\n"
+        "sys.modules['dbn_kernels._C'] = None\n"
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "import dbn_kernels\n"
+        "from dbn_kernels import _extension\n"
+        "print('LOAD', _extension.load())\n"
+        "print('SCHEMA', torch.ops.dbn.cuda_backward.default._schema.name)\n")
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path), "TORCH_CUDA_ARCH_LIST": "9.0",
+           "DBN_KERNELS_NO_JIT": "0"}
+    first = _run(code, **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "LOAD None" in first.stdout and "SCHEMA dbn::cuda_backward" in first.stdout
+    assert "dbn_kernels: compiling the CUDA kernels" in first.stderr
+    second = _run(code, **env)
+    assert "LOAD None" in second.stdout
+    assert "compiling" not in second.stderr
+
+
 # ---- the build's inputs ----------------------------------------------------------------------------
 
 def test_sources_listed_and_shipped():
