@@ -30,7 +30,7 @@ PACKAGE_DIR = {"dbn_kernels": "dbn_kernels", "dbn_kernels.triton_kernels": "trit
                "dbn_kernels.csrc": "csrc"}
 PACKAGE_DATA = {"dbn_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]}
 
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]  # -lineinfo: source lines in Nsight Compute, no cost
 CXX_FLAGS = ["-O3"]
 
 

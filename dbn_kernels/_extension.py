@@ -174,7 +174,7 @@ def compile_on_first_use() -> str | None:
             sources=sources,
             extra_include_paths=[str(src)],
             extra_cflags=["-O3", *includes],
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", *includes],
+            extra_cuda_cflags=["-O3", "-lineinfo", *includes],
             is_python_module=False,
             verbose=False,
         )
