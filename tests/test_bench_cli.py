@@ -86,7 +86,7 @@ def test_console_script(tmp_path):
 
 def test_python_dash_m(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dbn_kernels.benchmark", "--help"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0 and "--suite" in result.stdout
 
 

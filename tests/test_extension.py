@@ -14,6 +14,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def built():
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env}, cwd=ROOT)
+                          timeout=300, env={**os.environ, **env}, cwd=tempfile.gettempdir())
 
 
 # ---- built -------------------------------------------------------------------------------------

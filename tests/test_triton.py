@@ -602,13 +602,14 @@ def test_launch_plans_cover_the_tensor(monkeypatch, shape, channels_last):
 
 # ---- the real compiler ------------------------------------------------------------------------
 
-def test_every_kernel_variant_compiles_for_sm80_and_sm90():
+def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     """The interpreter never runs Triton's compiler: compile every variant the launchers can
     produce, ahead of time (no GPU needed), in a process without TRITON_INTERPRET."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "dbn_kernels.triton_kernels.aot", "--arch", "80",
-                           "90"], capture_output=True, text=True, env=env, timeout=600)
+                           "90"], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=tmp_path)  # not the checkout: import the installed package
     if proc.returncode == importlib.import_module("dbn_kernels.triton_kernels.aot").API_MISMATCH:
         pytest.skip(proc.stdout.strip()[-500:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
