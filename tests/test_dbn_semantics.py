@@ -102,10 +102,11 @@ def test_attributes_changed_between_steps_are_honoured():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_low_precision_against_float64(dtype, channels_last):
+@pytest.mark.parametrize("backend", dbn.available_backends("cpu"))
+def test_low_precision_against_float64(dtype, channels_last, backend):
     """fp32 within ~1e-5; 16-bit no worse than 2x PyTorch's own batch norm error at that dtype."""
     shape = (4, 6, 7, 7)
-    layer = dbn.DiminishingBatchNorm2d(6, alpha=0.5)
+    layer = dbn.DiminishingBatchNorm2d(6, alpha=0.5, backend=backend)
     ref = dbn.DiminishingBatchNorm2d(6, alpha=0.5, dtype=torch.float64)
     torch_bn = torch.nn.BatchNorm2d(6)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -14,6 +14,10 @@ PAIRS = [(nn.BatchNorm1d, dbn.BatchNorm1d, dbn.DiminishingBatchNorm1d),
          (nn.BatchNorm3d, dbn.BatchNorm3d, dbn.DiminishingBatchNorm3d)]
 OURS = {torch_cls: (plain, dimin) for torch_cls, plain, dimin in PAIRS}
 
+# Every backend that runs on CPU tensors here: the reference, and the Triton kernels when they
+# run under the interpreter (no GPU). GPU backends get the same checks in the GPU tests.
+BACKENDS = pytest.mark.parametrize("backend", dbn.available_backends("cpu"))
+
 
 def _torch_sample_inputs():
     from torch.testing._internal.common_modules import module_db
@@ -68,18 +72,19 @@ def _compare(expected_module, actual_module, make_input, steps=3, *, check_buffe
 
 @pytest.mark.parametrize("torch_cls,sample", _torch_sample_inputs())
 @pytest.mark.parametrize("kind", ["plain", "diminishing-alpha-1"])
-def test_pytorch_module_samples(torch_cls, sample, kind):
+@BACKENDS
+def test_pytorch_module_samples(torch_cls, sample, kind, backend):
     args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
     expected = torch_cls(*args, **kwargs)
     plain_cls, dimin_cls = OURS[torch_cls]
     if kind == "plain":
-        actual = plain_cls(*args, **kwargs)
+        actual = plain_cls(*args, **kwargs, backend=backend)
     else:
         track = args[4] if len(args) > 4 else kwargs.get("track_running_stats", True)
         if not track:
             pytest.skip("the Diminishing layers need their buffers (ValueError, tested elsewhere)")
         # alpha = 1 with eval on the running statistics is exactly batch norm.
-        actual = dimin_cls(*args, **kwargs, alpha=1.0, eval_stats="running")
+        actual = dimin_cls(*args, **kwargs, alpha=1.0, eval_stats="running", backend=backend)
     _randomise_affine(expected)
     actual.load_state_dict(expected.state_dict(), strict=kind == "plain")
     shape = sample.forward_input.args[0].shape
@@ -89,20 +94,22 @@ def test_pytorch_module_samples(torch_cls, sample, kind):
 @pytest.mark.parametrize("torch_cls", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])
 @pytest.mark.parametrize("momentum", [None, 0.1, 0.6])
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, True)])
-def test_plain_matches_torch(torch_cls, momentum, affine, bias):
+@BACKENDS
+def test_plain_matches_torch(torch_cls, momentum, affine, bias, backend):
     shape = {nn.BatchNorm1d: (7, 5, 3), nn.BatchNorm2d: (3, 5, 7, 7),
              nn.BatchNorm3d: (2, 5, 3, 1, 4)}[torch_cls]
     expected = torch_cls(5, momentum=momentum, affine=affine, bias=bias)
-    actual = OURS[torch_cls][0](5, momentum=momentum, affine=affine, bias=bias)
+    actual = OURS[torch_cls][0](5, momentum=momentum, affine=affine, bias=bias, backend=backend)
     _randomise_affine(expected)
     actual.load_state_dict(expected.state_dict())
     _compare(expected, actual, lambda: torch.randn(shape) * 3 - 1, steps=4)
 
 
 @pytest.mark.parametrize("shape", [(8, 3, 1, 1), (2, 1, 7, 7), (3, 1000, 2, 1)])
-def test_channels_last_in_and_out(shape):
+@BACKENDS
+def test_channels_last_in_and_out(shape, backend):
     expected = nn.BatchNorm2d(shape[1])
-    actual = dbn.BatchNorm2d(shape[1])
+    actual = dbn.BatchNorm2d(shape[1], backend=backend)
     _randomise_affine(expected)
     actual.load_state_dict(expected.state_dict())
     _compare(expected, actual,
@@ -114,16 +121,18 @@ def test_channels_last_in_and_out(shape):
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_channels_last_3d():
-    expected, actual = nn.BatchNorm3d(4), dbn.BatchNorm3d(4)
+@BACKENDS
+def test_channels_last_3d(backend):
+    expected, actual = nn.BatchNorm3d(4), dbn.BatchNorm3d(4, backend=backend)
     actual.load_state_dict(expected.state_dict())
     _compare(expected, actual,
              lambda: torch.randn(2, 4, 3, 2, 5).to(memory_format=torch.channels_last_3d))
 
 
-def test_track_running_stats_false():
+@BACKENDS
+def test_track_running_stats_false(backend):
     expected = nn.BatchNorm2d(3, track_running_stats=False)
-    actual = dbn.BatchNorm2d(3, track_running_stats=False)
+    actual = dbn.BatchNorm2d(3, track_running_stats=False, backend=backend)
     assert actual.running_mean is None and actual.num_batches_tracked is None
     actual.load_state_dict(expected.state_dict())
     _compare(expected, actual, lambda: torch.randn(4, 3, 5, 5))
