@@ -31,6 +31,7 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         # Buffers change in training only. Batch statistics in eval (no buffers to read) are a
         # training step with every update switched off.
         num_batches_tracked = None
+    name = backends.resolve(backend, x.device)
     if x.numel() == 0:
         # PyTorch: an empty batch gives an empty output, leaves the statistics alone and still
         # counts a step.
@@ -39,7 +40,6 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         shape = (1, -1, *([1] * (x.dim() - 2)))
         y = x * (1 if weight is None else weight.view(shape))
         return y if bias is None else y + bias.view(shape)
-    name = backends.resolve(backend, x.device)
     return DiminishingBatchNormFunction.apply(
         x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
         use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name)
