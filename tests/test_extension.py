@@ -126,8 +126,10 @@ def test_missing_extension_never_breaks_import(jit):
     assert "BACKENDS" in out and "'reference'" in out
     if jit == "off":
         assert "DBN_KERNELS_NO_JIT=1" in out
-    else:
+    elif torch.version.cuda:
         assert "no CUDA device is visible" in out
+    else:
+        assert "is not a CUDA build" in out
 
 
 @pytest.mark.slow
