@@ -69,14 +69,16 @@ def elementwise_tile(pid, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK
         mask = (a < extent_a)[:, None] & (b < C)[None, :]
         chan = b
         chan_mask = b < C
-        first = chan_mask & (pid_a == 0)
+        # Scalar conditions are widened to vectors before combining with a vector mask: Triton
+        # 3.9's interpreter rejects the mask that `vector & scalar` produces.
+        first = chan_mask & (pid_a + tl.zeros_like(b) == 0)
     else:
         S = (S // ALIGN) * ALIGN
         offs = a[:, None] * S + b[None, :]
         mask = (a < extent_a)[:, None] & (b < S)[None, :]
         chan = a % C
         chan_mask = a < extent_a
-        first = (a < C) & (pid_b == 0)
+        first = (a < C) & (pid_b + tl.zeros_like(a) == 0)
     return offs, mask, chan, chan_mask, first
 
 
