@@ -21,13 +21,18 @@ def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
 
 
-def _affine(x: torch.Tensor, weight, bias, mean, invstd, acc) -> torch.Tensor:
-    """y = (x - mean) * invstd * weight + bias, folded into one scale and one shift per channel."""
+def _affine(centred: torch.Tensor, x: torch.Tensor, weight, bias, invstd, acc,
+            offset=None) -> torch.Tensor:
+    """y = (centred + offset) * invstd * weight + bias in ``x``'s dtype, where ``centred`` is x
+    minus a per-channel centre (a fresh tensor, overwritten here).
+
+    Scaling the centred value rather than folding the centre into the shift (x*scale + shift)
+    keeps |mean| >> std inputs accurate: the large terms cancel before rounding."""
     scale = invstd if weight is None else invstd * weight.to(acc)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(acc)
-    y = torch.addcmul(_per_channel(shift, x), x.to(acc), _per_channel(scale, x))
+    shift = torch.zeros_like(scale) if bias is None else bias.to(acc)
+    if offset is not None:
+        shift = shift + offset * scale
+    y = torch.addcmul(_per_channel(shift, x), centred, _per_channel(scale, x), out=centred)
     return y.to(x.dtype)
 
 
@@ -48,7 +53,8 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     # Two passes, centred before squaring: as accurate as Welford (no E[x^2] - E[x]^2
     # cancellation) and several times faster than torch.var_mean on CPU.
     batch_mean = xf.mean(dims)
-    batch_var = (xf - _per_channel(batch_mean, x)).square_().mean(dims)
+    centred = xf - _per_channel(batch_mean, x)
+    batch_var = centred.square().mean(dims)
     batch_std = torch.sqrt(batch_var + eps)
 
     k = None
@@ -76,7 +82,8 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         running_mean.copy_(torch.lerp(running_mean.to(acc), batch_mean, f))
         running_var.copy_(torch.lerp(running_var.to(acc), batch_var * (M / (M - 1)), f))
 
-    y = _affine(x, weight, bias, mean, invstd, acc)
+    # x - mu_k = (x - m_B) + (m_B - mu_k): reuse the batch-centred values.
+    y = _affine(centred, x, weight, bias, invstd, acc, offset=batch_mean - mean)
     return y, mean, invstd, batch_mean, batch_std.reciprocal(), alpha
 
 
@@ -84,7 +91,8 @@ def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
     acc = stat_dtype(x)
     spread = spread.to(acc)
     invstd = spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
-    return _affine(x, weight, bias, mean.to(acc), invstd, acc), invstd
+    centred = x.to(acc) - _per_channel(mean.to(acc), x)
+    return _affine(centred, x, weight, bias, invstd, acc), invstd
 
 
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -102,17 +110,19 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     xf = x.to(acc)
     gf = grad_y.to(acc)
     sum_dy = gf.sum(dims)
-    sum_dy_xhat = (xf - _per_channel(mean, x)).mul_(gf).sum(dims) * invstd
+    centred = xf - _per_channel(mean, x)
+    sum_dy_xhat = (centred * gf).sum(dims) * invstd
     if not input_grad:
         return x.new_empty((0,)), sum_dy_xhat, sum_dy
 
-    # dx = A*dy + B*x + C per channel (SPEC §2), with a_g = a_k or 0.
+    # dx = A*dy + B*(x - m_B) + C per channel (SPEC §2), with a_g = a_k or 0; x - m_B is
+    # taken as (x - mu_k) + (mu_k - m_B) so that |mean| >> std stays accurate.
     a = invstd if weight is None else invstd * weight.to(acc)
     if grad_through_stats:
         b = -a * alpha * sum_dy_xhat * batch_invstd / M
-        c = -a * alpha * sum_dy / M - b * batch_mean
+        c = -a * alpha * sum_dy / M + b * (mean - batch_mean)
         grad_x = torch.addcmul(_per_channel(c, x), gf, _per_channel(a, x))
-        grad_x.addcmul_(xf, _per_channel(b, x))
+        grad_x.addcmul_(centred, _per_channel(b, x))
     else:
         grad_x = gf * _per_channel(a, x)
     return _like_input(grad_x, x), sum_dy_xhat, sum_dy
