@@ -169,8 +169,11 @@ def test_percentile():
 
 
 def test_model_resnet50_tiny(tmp_path):
+    # Batch 4, not 2: at 32 px the last stage is 1x1, and with M = 2 values per channel DBN's
+    # averaged statistics do not bound the activations, so repeated SGD steps on one batch can
+    # legitimately diverge (plain BN pins them to +-1 there).
     out = tmp_path / "model.json"
-    assert main(["--model", "resnet50", "--batch", "2", "--image-size", "32", "--json", str(out),
+    assert main(["--model", "resnet50", "--batch", "4", "--image-size", "32", "--json", str(out),
                  "--providers", "torch,reference-bn,reference-dbn", "--no-progress",
                  *THREADS]) == 0
     rows = json.loads(out.read_text())["rows"]
