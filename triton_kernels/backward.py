@@ -1,12 +1,17 @@
 """Backward kernels and their launcher (SPEC §2):
 
     dx = gamma / sig_k * (dy - a_g * sum(dy) / M - a_g * xhat_B * sum(dy * xhat) / M)
-       = A * dy + B * x + C        per channel, with a_g = a_k (or 0: grad_through_stats=False)
+       = A * dy + B * (x - m_B) + C'     per channel, a_g = a_k (or 0: grad_through_stats=False)
+
+with A = gamma / sig_k, B = -A * a_g * sum(dy * xhat) / M / s_B, C' = -A * a_g * sum(dy) / M.
+Centred on m_B rather than folded into B * x + (C' - B * m_B): the folded constant is ~B * |m_B|
+and its rounding (|m_B / s_B| * 2**-24 relative to A * dy) would be dx's error when |mean| >> std.
 
 1. ``backward_reduce``: grid (channel blocks, splits of M); per-lane sums of dy and
    dy * (x - mean), one partial per (split, channel).
 2. ``backward_finalize``: one program per channel block adds the partials in split order, writes
-   grad_weight = sum(dy * xhat) and grad_bias = sum(dy) and the coefficients A, B, C.
+   grad_weight = sum(dy * xhat) and grad_bias = sum(dy) and the coefficients: rows A, m_B, B, C'
+   of a (4, C) tensor (A alone without gradient through the statistics).
 3. ``backward_dx``: the element-wise pass; without gradient through the statistics dx = A * dy
    and x is not read at all.
 """
@@ -93,9 +98,10 @@ def backward_finalize(partial_ptr, splits, C, weight_ptr, invstd_ptr, batch_mean
             batch_mean = tl.load(batch_mean_ptr + c, mask=keep, other=0.0).to(tl.float32)
             batch_invstd = tl.load(batch_invstd_ptr + c, mask=keep, other=0.0).to(tl.float32)
             b = -a * alpha * sum_dy_xhat * batch_invstd / count
-            shift = -a * alpha * sum_dy / count - b * batch_mean
-            tl.store(coef_ptr + C + c, b, mask=keep)
-            tl.store(coef_ptr + 2 * C + c, shift, mask=keep)
+            shift = -a * alpha * sum_dy / count
+            tl.store(coef_ptr + C + c, batch_mean, mask=keep)
+            tl.store(coef_ptr + 2 * C + c, b, mask=keep)
+            tl.store(coef_ptr + 3 * C + c, shift, mask=keep)
 
 
 @triton.jit
@@ -109,12 +115,15 @@ def backward_dx(dy_ptr, x_ptr, dx_ptr, coef_ptr, C, S, extent_a, b_blocks,
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dx = a * dy
     if GRAD_THROUGH_STATS:
-        b = along_channels(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0),
+        # rows A, m_B, B, C' of the (4, C) coefficients: contiguous vector loads per tile
+        center = along_channels(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0),
+                                CHANNELS_LAST)
+        b = along_channels(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
                            CHANNELS_LAST)
-        shift = along_channels(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
+        shift = along_channels(tl.load(coef_ptr + 3 * C + chan, mask=chan_mask, other=0.0),
                                CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dx = dx + (b * x + shift)
+        dx = dx + ((x - center) * b + shift)
     store_rounded(dx_ptr + offs, dx, mask, EMULATE_RTNE)
 
 
@@ -137,7 +146,8 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     partial = torch.empty((2, plan.splits, C), **f32)
     grad_weight = torch.empty(C, **f32)
     grad_bias = torch.empty(C, **f32)
-    coef = torch.empty((3, C), **f32) if input_grad else partial
+    # rows A, m_B, B, C' (only A is written and read without gradient through the statistics)
+    coef = torch.empty((4 if grad_through_stats else 1, C), **f32) if input_grad else partial
 
     with device_guard(x):
         backward_reduce[plan.grid](

@@ -7,11 +7,15 @@ Training step, three launches and no host synchronisation:
    partial state per channel. Program (0, 0) also increments ``num_batches_tracked``.
 2. ``finalize``: one program per channel block merges the partials in split order, computes a_k
    from the counter, applies every buffer update and writes the saved tensors and the
-   per-channel scale/shift.
-3. ``normalize``: y = x * scale + shift, one FMA per element.
+   per-channel (center, scale, shift) = (mu_k, gamma / sig_k, beta).
+3. ``normalize``: y = (x - center) * scale + shift, a subtract and an FMA per element.
 
-Evaluation is one launch, ``eval_normalize``, which derives scale/shift from the stored
+Evaluation is one launch, ``eval_normalize``, which derives (center, scale, shift) from the stored
 statistics inside each tile.
+
+The element-wise passes are centred rather than folded into ``x * scale + (shift - center *
+scale)``: the folded constant is ~|mu/sigma| in size, and its rounding (|mu/sigma| * 2**-24) would
+be the output's error when |mean| >> std. ``x - center`` is exact when the two are close.
 """
 
 from __future__ import annotations
@@ -149,14 +153,17 @@ def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, run
     tl.store(batch_invstd_ptr + c, batch_invstd, mask=keep)
     tl.store(alpha_ptr, a, mask=pid == 0)
 
+    # (center, scale, shift) for normalize: y = (x - mu) * (gamma / sig) + beta
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + c, mask=keep, other=1.0).to(tl.float32)
-    shift = -mu * scale
     if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + c, mask=keep, other=0.0).to(tl.float32)
-    tl.store(affine_ptr + c, scale, mask=keep)
-    tl.store(affine_ptr + C + c, shift, mask=keep)
+        shift = tl.load(bias_ptr + c, mask=keep, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros([BLOCK_C], tl.float32)
+    tl.store(affine_ptr + c, mu, mask=keep)
+    tl.store(affine_ptr + C + c, scale, mask=keep)
+    tl.store(affine_ptr + 2 * C + c, shift, mask=keep)
 
 
 @triton.jit
@@ -165,11 +172,14 @@ def normalize(x_ptr, y_ptr, affine_ptr, C, S, extent_a, b_blocks, BLOCK_A: tl.co
               INT64: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
-    scale = along_channels(tl.load(affine_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
-    shift = along_channels(tl.load(affine_ptr + C + chan, mask=chan_mask, other=0.0),
+    # (center, scale, shift), rows of a (3, C) tensor: contiguous vector loads per tile
+    center = along_channels(tl.load(affine_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
+    scale = along_channels(tl.load(affine_ptr + C + chan, mask=chan_mask, other=0.0),
+                           CHANNELS_LAST)
+    shift = along_channels(tl.load(affine_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
                            CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    store_rounded(y_ptr + offs, x * scale + shift, mask, EMULATE_RTNE)
+    store_rounded(y_ptr + offs, (x - center) * scale + shift, mask, EMULATE_RTNE)
 
 
 @triton.jit
@@ -191,13 +201,16 @@ def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, inv
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + chan, mask=chan_mask, other=1.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + chan, mask=chan_mask, other=0.0).to(tl.float32)
+    center = along_channels(mean, CHANNELS_LAST)
     scale = along_channels(scale, CHANNELS_LAST)
-    shift = along_channels(shift, CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    store_rounded(y_ptr + offs, x * scale + shift, mask, EMULATE_RTNE)
+    # centred, not folded into x * scale - mean * scale (see the module's docstring)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + chan, mask=chan_mask, other=0.0).to(tl.float32)
+        y = (x - center) * scale + along_channels(shift, CHANNELS_LAST)
+    else:
+        y = (x - center) * scale
+    store_rounded(y_ptr + offs, y, mask, EMULATE_RTNE)
 
 
 def _per_channel(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -234,7 +247,7 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     partial = torch.empty((3, plan.splits, C), **f32)
     mean, invstd, batch_mean, batch_invstd = (torch.empty(C, **f32) for _ in range(4))
     alpha = torch.empty((), **f32)
-    affine = torch.empty((2, C), **f32)
+    affine = torch.empty((3, C), **f32)  # center, scale, shift
     y = torch.empty_like(xk)
     unused = partial  # stands in for absent tensors; the kernels never touch it then
 
