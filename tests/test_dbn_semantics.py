@@ -140,3 +140,25 @@ def test_large_mean_small_spread_stays_accurate():
     y_ref = ref(x.double())
     assert (y.double() - y_ref).abs().max().item() < 1e-3
     torch.testing.assert_close(layer.running_var.double(), ref.running_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", dbn.available_backends("cpu"))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_outputs_and_gradients_within_float32_limit(backend, channels_last):
+    """With |mean| / std = R, float32 statistics alone cost about R * 2^-25 in y and dx (the mean
+    itself is rounded); an implementation may lose a small multiple of that, not more."""
+    R = 1000.0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    layer = dbn.DiminishingBatchNorm2d(4, alpha=0.5, backend=backend)
+    ref = dbn.DiminishingBatchNorm2d(4, alpha=0.5, dtype=torch.float64)
+    bound = 4 * R * 2.0 ** -24
+    for _ in range(3):
+        x = (torch.randn(16, 4, 5, 5, dtype=torch.float64) + R).float().to(memory_format=fmt)
+        g = torch.randn(x.shape, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+        ya, yb = layer(xa), ref(xb)
+        ya.backward(g.float())
+        yb.backward(g)
+        assert (ya.double() - yb).abs().max().item() < bound
+        scale = xb.grad.abs().max().item()
+        assert (xa.grad.double() - xb.grad).abs().max().item() < bound * scale

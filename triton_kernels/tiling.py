@@ -96,12 +96,19 @@ def along_channels(v, CHANNELS_LAST: tl.constexpr):
 def merge_lanes(mean, m2, count, AXIS: tl.constexpr):
     """Chan et al.'s merge of per-lane Welford states along AXIS, in closed form: the combined
     mean, then M2 plus each lane's count times its squared distance from that mean (no
-    E[x^2] - E[x]^2). A plain tree reduction: fixed order, so bitwise reproducible."""
+    E[x^2] - E[x]^2). A plain tree reduction: fixed order, so bitwise reproducible.
+
+    The weighted sum runs over deviations from the largest lane mean, not over the means: a sum
+    of count * mean would round at the size of |mean|, a few ulp of the result when
+    |mean| >> std, while the deviations are small and nearly exact."""
     n = tl.sum(count, AXIS)
-    mu = tl.sum(count * mean, AXIS) / tl.maximum(n, 1.0)
-    dev = mean - tl.expand_dims(mu, AXIS)
+    pivot = tl.max(tl.where(count > 0, mean, float("-inf")), AXIS)
+    pivot = tl.where(n > 0, pivot, 0.0)
+    dev = mean - tl.expand_dims(pivot, AXIS)
+    shift = tl.sum(count * dev, AXIS) / tl.maximum(n, 1.0)
+    dev = dev - tl.expand_dims(shift, AXIS)
     m2 = tl.sum(m2 + count * dev * dev, AXIS)
-    return mu, m2, n
+    return pivot + shift, m2, n
 
 
 @triton.jit
