@@ -12,8 +12,8 @@ void launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const flo
   });
 }
 
-int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last) {
-  return reduce_blocks_per_sm_for<GradSumOp>(dtype, channels_last);
+int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width) {
+  return reduce_blocks_per_sm_for<GradSumOp>(dtype, channels_last, width);
 }
 
 }  // namespace dbn

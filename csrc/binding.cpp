@@ -93,9 +93,25 @@ int64_t next_pow2(int64_t v) {
   return p;
 }
 
-bool aligned16(const Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+// The largest power of two, at most 16, that divides the address (16 for null).
+int64_t alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  int64_t align = 16;
+  while (align > 1 && a % align != 0) align >>= 1;
+  return align;
 }
+
+int64_t alignment(const Tensor& t) { return alignment(t.const_data_ptr()); }
+
+// Floats of C per-channel coefficient arrays laid out one after another in a workspace: rounded
+// up to 4 so that each array starts 16-byte aligned (vector coefficient loads).
+int64_t padded(int64_t n) { return (n + 3) / 4 * 4; }
+
+#ifdef DBN_EMULATION
+// What the last planning chose (tests/test_cuda.py asserts that its cases reach each path):
+// reduction width, element-wise width, element-wise across.
+std::array<int64_t, 3> g_last_plan{};
+#endif
 
 #ifdef DBN_EMULATION
 int num_sms(c10::DeviceIndex) {
@@ -236,16 +252,28 @@ std::pair<Tensor, Tensor> output_like(const Tensor& x, const Tensor& xc, const G
 }
 
 // ---- planning ------------------------------------------------------------------------------------
-// blocks_per_sm: resident CTAs per SM of the kernel; the grid is one full wave of them.
-ReducePlan plan_reduce(const Geometry& g, int64_t esize, bool aligned, int sms, int blocks_per_sm) {
+// Elements per load of the reduction over x (and dy), whose common alignment is align bytes.
+// NCS: the widest load (16 bytes at most) that divides every row and the alignment; NSC: 16-byte
+// vectors of consecutive channels or scalars.
+int reduce_width(const Geometry& g, int64_t esize, int64_t align) {
+  const int64_t V = 16 / esize;
+  if (g.channels_last) return (align >= 16 && g.C % V == 0) ? static_cast<int>(V) : 1;
+  int64_t U = V;
+  while (U > 1 && (g.S % U != 0 || align < U * esize)) U /= 2;
+  return static_cast<int>(U);
+}
+
+// width: reduce_width(). blocks_per_sm: resident CTAs per SM of the kernel; the grid is one full
+// wave of them.
+ReducePlan plan_reduce(const Geometry& g, int64_t esize, int width, int sms, int blocks_per_sm) {
   ReducePlan p;
   p.g = g;
+  p.width = width;
   const int64_t V = 16 / esize;
   const int64_t target = static_cast<int64_t>(sms) * blocks_per_sm;
   constexpr int64_t kMaxSplits = 65535;
   if (!g.channels_last) {
-    p.vec = aligned && g.S % V == 0;
-    const int64_t U = p.vec ? V : 1;
+    const int64_t U = width;
     const int64_t min_work = kThreads * 32;  // elements per CTA, at least
     int64_t splits = std::min(ceil_div(target, g.C), std::max<int64_t>(1, ceil_div(g.M, min_work)));
     splits = std::max(splits, ceil_div(g.M, int64_t(1) << 30));  // CTA-local 32-bit indices
@@ -273,7 +301,6 @@ ReducePlan plan_reduce(const Geometry& g, int64_t esize, bool aligned, int sms, 
     p.ty = 1;
   } else {
     const int64_t G = V;
-    p.vec = aligned && g.C % G == 0;
     const int64_t groups = ceil_div(g.C, G);
     p.tx = static_cast<int>(std::min<int64_t>(32, next_pow2(groups)));
     p.ty = kThreads / p.tx;
@@ -286,30 +313,53 @@ ReducePlan plan_reduce(const Geometry& g, int64_t esize, bool aligned, int sms, 
     p.rows_per_split = ceil_div(g.M, splits);
     p.splits = static_cast<int>(ceil_div(g.M, p.rows_per_split));
   }
+#ifdef DBN_EMULATION
+  g_last_plan[0] = p.width;
+#endif
   return p;
 }
 
-AffinePlan plan_affine(const Geometry& g, int64_t esize, bool aligned, int sms) {
+// align: the alignment in bytes common to the element-wise pass's inputs and output;
+// coef_align: the alignment common to its non-null coefficient pointers.
+AffinePlan plan_affine(const Geometry& g, int64_t esize, int64_t align, int64_t coef_align,
+                       int sms) {
   AffinePlan p;
   p.g = g;
-  const int64_t V = 16 / esize;
-  if (!g.channels_last) {
-    p.inner = g.S;
-    p.mode = (aligned && g.S % V == 0) ? 1 : 0;
-  } else {
-    p.inner = 1;
-    p.mode = (aligned && g.C % V == 0) ? 2 : 0;
-  }
+  p.sms = sms;
   p.wide_index = g.numel >= (int64_t(1) << 31);
+  const int64_t V = 16 / esize;
+  int64_t U = V;
+  if (!g.channels_last) {
+    // A vector may cross one channel boundary (elementwise.cu), so only U <= S is needed.
+    p.inner = g.S;
+    while (U > 1 && (U > g.S || align < U * esize)) U /= 2;
+  } else {
+    // U consecutive channels with vector coefficient loads of min(U, 4) floats.
+    p.inner = 1;
+    while (U > 1 &&
+           (g.C % U != 0 || align < U * esize || coef_align < std::min<int64_t>(U, 4) * 4)) {
+      U /= 2;
+    }
+    p.across = U > 1;
+  }
+  if (p.wide_index && U != V) U = 1;  // 64-bit indices: 16-byte vectors or scalars only
+  if (U == 1) p.across = false;
+  p.width = static_cast<int>(U);
   if (!p.wide_index) {
     p.div_inner = FastDiv(static_cast<uint32_t>(p.inner));
     p.div_c = FastDiv(static_cast<uint32_t>(g.C));
   }
-  const int64_t units = g.numel / (p.mode != 0 ? V : 1);
-  const int64_t unroll = p.mode != 0 ? 2 : 4;  // elementwise.cu, unroll_for
-  p.blocks = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(ceil_div(units, kThreads * unroll), sms * 16)));
+#ifdef DBN_EMULATION
+  g_last_plan[1] = p.width;
+  g_last_plan[2] = p.across ? 1 : 0;
+#endif
   return p;
+}
+
+int64_t coef_alignment(const AffineCoefs& k) {
+  int64_t align = 16;
+  for (const float* q : {k.k0, k.p0, k.k1, k.p1, k.p2}) align = std::min(align, alignment(q));
+  return align;
 }
 
 // A buffer the finalize kernel writes in place: itself when contiguous, else a contiguous copy
@@ -394,14 +444,15 @@ TrainForwardOut train_forward(const Tensor& x, const OptTensor& weight, const Op
   const cudaStream_t stream = current_stream(x);
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
+  const int rw = reduce_width(g, xc.element_size(), alignment(xc));
   const ReducePlan rp =
-      plan_reduce(g, xc.element_size(), aligned16(xc), sms,
-                  collect_stats_blocks_per_sm(xc.scalar_type(), g.channels_last));
+      plan_reduce(g, xc.element_size(), rw, sms,
+                  collect_stats_blocks_per_sm(xc.scalar_type(), g.channels_last, rw));
 
-  Tensor ws = at::empty({3 * C * rp.splits + 2 * C}, fopts);
+  Tensor ws = at::empty({padded(3 * C * rp.splits) + 2 * padded(C)}, fopts);
   float* part = ws.data_ptr<float>();
-  float* scale = part + 3 * C * rp.splits;
-  float* shift = scale + C;
+  float* scale = part + padded(3 * C * rp.splits);
+  float* shift = scale + padded(C);
   Tensor mean = at::empty({C}, fopts), invstd = at::empty({C}, fopts);
   Tensor batch_mean = at::empty({C}, fopts), batch_invstd = at::empty({C}, fopts);
   Tensor alpha = at::empty({}, fopts);
@@ -448,11 +499,12 @@ TrainForwardOut train_forward(const Tensor& x, const OptTensor& weight, const Op
   launch_finalize_train(fa, stream);
 
   // The normalize pass also increments num_batches_tracked (after finalize has read it).
-  const AffinePlan ap = plan_affine(g, xc.element_size(), aligned16(xc) && aligned16(yk), sms);
   AffineCoefs coefs;
   coefs.k0 = fa.out_mean;
   coefs.p0 = scale;
   coefs.p2 = shift;
+  const AffinePlan ap = plan_affine(g, xc.element_size(), std::min(alignment(xc), alignment(yk)),
+                                    coef_alignment(coefs), sms);
   launch_channel_affine(ap, xc, nullptr, yk, coefs, counter, stream);
   if (!yk.is_same(y)) y.copy_(yk);
   rm.finish();
@@ -486,10 +538,10 @@ std::tuple<Tensor, Tensor> eval_forward(const Tensor& x, const OptTensor& weight
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
 
-  Tensor ws = at::empty({3 * C}, fopts);
+  Tensor ws = at::empty({3 * padded(C)}, fopts);
   float* scale = ws.data_ptr<float>();
-  float* shift = scale + C;
-  float* center = shift + C;
+  float* shift = scale + padded(C);
+  float* center = shift + padded(C);
   const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
   const Tensor m = mean.contiguous(), s = spread.contiguous();
   auto [y, yk] = output_like(x, xc, g);
@@ -513,11 +565,13 @@ std::tuple<Tensor, Tensor> eval_forward(const Tensor& x, const OptTensor& weight
   launch_eval_prepare(ea, stream);
 
   if (x.numel() > 0) {
-    const AffinePlan ap = plan_affine(g, xc.element_size(), aligned16(xc) && aligned16(yk), sms);
     AffineCoefs coefs;
     coefs.k0 = center;
     coefs.p0 = scale;
     coefs.p2 = shift;
+    const AffinePlan ap = plan_affine(g, xc.element_size(),
+                                      std::min(alignment(xc), alignment(yk)),
+                                      coef_alignment(coefs), sms);
     launch_channel_affine(ap, xc, nullptr, yk, coefs, nullptr, stream);
     if (!yk.is_same(y)) y.copy_(yk);
   }
@@ -570,9 +624,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
   const int sms = num_sms(x.get_device());
   auto [xc, g] = supported_layout(x);
   const Tensor dy = match_layout(grad_y, xc, g);
+  const int rw = reduce_width(g, xc.element_size(), std::min(alignment(xc), alignment(dy)));
   const ReducePlan rp =
-      plan_reduce(g, xc.element_size(), aligned16(xc) && aligned16(dy), sms,
-                  backward_reduce_blocks_per_sm(xc.scalar_type(), g.channels_last));
+      plan_reduce(g, xc.element_size(), rw, sms,
+                  backward_reduce_blocks_per_sm(xc.scalar_type(), g.channels_last, rw));
 
   const Tensor mean_f = mean.to(at::kFloat).contiguous();
   const Tensor invstd_f = invstd.to(at::kFloat).contiguous();
@@ -582,9 +637,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
                                             : Tensor();
   const Tensor w = contiguous_or_undefined(weight);
 
-  Tensor ws = at::empty({2 * C * rp.splits + 3 * C}, fopts);
+  Tensor ws = at::empty({padded(2 * C * rp.splits) + 3 * padded(C)}, fopts);
   float* part = ws.data_ptr<float>();
-  float* coef = part + 2 * C * rp.splits;
+  float* coef = part + padded(2 * C * rp.splits);
   Tensor grad_weight = at::empty({C}, fopts), grad_bias = at::empty({C}, fopts);
 
   launch_backward_reduce(dy, xc, mean_f.const_data_ptr<float>(), rp, part, stream);
@@ -605,14 +660,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
   fb.grad_weight = grad_weight.data_ptr<float>();
   fb.grad_bias = grad_bias.data_ptr<float>();
   fb.coef_a = coef;
-  fb.coef_b = coef + C;
-  fb.coef_c = coef + 2 * C;
+  fb.coef_b = coef + padded(C);
+  fb.coef_c = coef + 2 * padded(C);
   launch_finalize_backward(fb, stream);
 
   if (!input_grad) return {at::empty({0}, x.options()), grad_weight, grad_bias};
   auto [grad_x, dk] = output_like(x, xc, g);
-  const bool aligned = aligned16(xc) && aligned16(dy) && aligned16(dk);
-  const AffinePlan ap = plan_affine(g, xc.element_size(), aligned, sms);
   AffineCoefs coefs;  // dx = A * dy + (B * (x - m_B) + C); a_g = 0: dx = A * dy, x is not read
   coefs.p0 = fb.coef_a;
   if (grad_through_stats) {
@@ -620,6 +673,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& 
     coefs.p1 = fb.coef_b;
     coefs.p2 = fb.coef_c;
   }
+  int64_t align = std::min(alignment(dy), alignment(dk));
+  if (grad_through_stats) align = std::min(align, alignment(xc));
+  const AffinePlan ap = plan_affine(g, xc.element_size(), align, coef_alignment(coefs), sms);
   launch_channel_affine(ap, dy, grad_through_stats ? &xc : nullptr, dk, coefs, nullptr, stream);
   if (!dk.is_same(grad_x)) grad_x.copy_(dk);
   return {grad_x, grad_weight, grad_bias};
@@ -633,6 +689,15 @@ TORCH_LIBRARY_FRAGMENT(dbn, m) {
   m.def((std::string(DBN_OP_PREFIX "eval_forward") + dbn::kEvalForwardSchema).c_str());
   m.def((std::string(DBN_OP_PREFIX "backward") + dbn::kBackwardSchema).c_str());
 }
+
+#ifdef DBN_EMULATION
+// Test hook: [reduction width, element-wise width, element-wise across] of the last planning.
+TORCH_LIBRARY_FRAGMENT(dbn, m) {
+  m.def("emu_last_plan() -> int[]", [] {
+    return std::vector<int64_t>(dbn::g_last_plan.begin(), dbn::g_last_plan.end());
+  });
+}
+#endif
 
 TORCH_LIBRARY_IMPL(dbn, DBN_DISPATCH_KEY, m) {
   m.impl(DBN_OP_PREFIX "train_forward", &dbn::train_forward);

@@ -11,8 +11,8 @@ void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* pa
   });
 }
 
-int collect_stats_blocks_per_sm(at::ScalarType dtype, bool channels_last) {
-  return reduce_blocks_per_sm_for<WelfordOp>(dtype, channels_last);
+int collect_stats_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width) {
+  return reduce_blocks_per_sm_for<WelfordOp>(dtype, channels_last, width);
 }
 
 }  // namespace dbn

@@ -48,7 +48,10 @@ struct Geometry {
 // part[(field * C + c) * splits + split].
 struct ReducePlan {
   Geometry g;
-  bool vec = false;         // 16-byte vector loads (aligned pointers, rows a multiple of the width)
+  // Elements per load. NCS: the largest power of two (at most 16 bytes) that divides S and the
+  // alignment of x (and dy), so a load never crosses a row; NSC: 16 / sizeof(T) (C a multiple of
+  // it, 16-byte aligned pointers) or 1.
+  int width = 1;
   int splits = 1;           // partials per channel (grid.y)
   int grid_x = 1;           // NCS: C; NSC: channel tiles
   // NCS: CTA (c, j) reads rows [N*jn/split_n, N*(jn+1)/split_n) x columns [js*chunk, +chunk)
@@ -74,12 +77,21 @@ struct AffineCoefs {
 };
 
 // The element-wise pass's launch plan; the channel c of each element comes from the geometry.
+// Accesses are `width` elements (1, 2, 4 or 8; at most 16 bytes, every data pointer aligned to
+// width * sizeof(T)):
+//   across = false: a vector's channel is (i / inner) % C for its first element i. NCS (inner = S)
+//     needs only width <= S, not S % width == 0: a vector crossing into the next channel (at most
+//     one boundary) takes that channel's coefficients from the boundary on; the numel % width
+//     elements at the end are done one by one. NSC with width 1 (inner = 1) is the scalar path.
+//   across = true (NSC, C % width == 0): element e of a vector is channel c0 + e, c0 = i % C a
+//     multiple of width; its coefficients are loaded as float vectors too (min(width, 4) floats,
+//     so every coefficient pointer is aligned to that many floats).
 struct AffinePlan {
   Geometry g;
-  int mode = 0;             // 0: scalar; 1: vectors within one channel (NCS); 2: vectors across
-                            // consecutive channels (NSC)
-  bool wide_index = false;  // numel >= 2^31: 64-bit index arithmetic
-  int blocks = 1;
+  int width = 1;
+  bool across = false;
+  bool wide_index = false;  // numel >= 2^31: 64-bit index arithmetic (widths 16 / sizeof(T) or 1)
+  int sms = 1;              // the launcher sizes the grid: one wave of resident CTAs at most
   int64_t inner = 1;        // channel of element i = (i / inner) % C: S for NCS, 1 for NSC
   FastDiv div_inner, div_c; // element -> channel for the 32-bit path
 };
@@ -143,9 +155,10 @@ struct FinalizeBackwardArgs {
   float* coef_c = nullptr;
 };
 
-// Resident CTAs per SM of the reduction kernels (occupancy on the current device, cached).
-int collect_stats_blocks_per_sm(at::ScalarType dtype, bool channels_last);
-int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last);
+// Resident CTAs per SM of the reduction kernels (occupancy on the current device, cached), for
+// the layout and, NCS, the load width (ReducePlan::width).
+int collect_stats_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width);
+int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width);
 
 // Launchers (each launch is checked with C10_CUDA_KERNEL_LAUNCH_CHECK, see DBN_LAUNCH).
 void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* part,

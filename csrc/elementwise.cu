@@ -3,20 +3,30 @@
 //   normalize / eval:  y  = (x - mu) * scale + beta            (a subtract and an FMA)
 //   backward:          dx = dy * A + ((x - m_B) * B + C)       (dy * A when a_g = 0: x not read)
 //
-// One grid-stride kernel per (dtype, index width). Modes, chosen on the host:
-//   1  NCS, S a multiple of the vector width: each 16-byte vector lies in one channel;
-//   2  NSC, C a multiple of the vector width: each vector covers consecutive channels;
-//   0  anything else (or unaligned pointers): scalar accesses, unrolled for memory parallelism.
-// 32-bit indexing with multiply-shift division when numel < 2^31, 64-bit otherwise.
+// One grid-stride kernel per (dtype, index width, access width U, across), chosen on the host
+// (AffinePlan, dbn_launch.h):
+//   across = false: each U-element vector takes its channel from its first element; NCS vectors
+//     may cross one channel boundary (U <= S), so any S >= 8 gets 16-byte accesses; U = 1 is the
+//     scalar path of both layouts;
+//   across = true: NSC, C a multiple of U: a vector covers U consecutive channels, whose
+//     coefficients are loaded as float vectors (16-byte loads) rather than 3 to 5 scalar loads
+//     per element.
+// 32-bit indexing with multiply-shift division when numel < 2^31, 64-bit otherwise (widths
+// 16 / sizeof(T) and 1 only, to keep the number of instantiations small).
+#include <algorithm>
+#include <array>
+#include <atomic>
+
 #include "dbn_common.cuh"
 
 namespace dbn {
 namespace {
 
 // Units (vectors or scalars) per thread per iteration, loaded before any is used: enough bytes in
-// flight per SM to cover memory latency at moderate register use.
-template <int U>
-constexpr int unroll_for() { return U == 1 ? 4 : 2; }
+// flight per SM to cover memory latency at moderate register use (16 elements per input for 16-
+// and 8-byte vectors).
+template <typename T, int U>
+constexpr int unroll_for() { return U == VecWidth<T>::value ? 2 : 4; }
 
 struct AffineArgs {
   const void* in0;
@@ -26,14 +36,15 @@ struct AffineArgs {
   int64_t* counter; // incremented once (num_batches_tracked), may be null
 };
 
-// Channel of element i: (i / inner) % C, and for mode 2 the first channel of a vector: i % C.
-__device__ __forceinline__ uint32_t channel_of(uint32_t i, const AffinePlan& p) {
-  const uint32_t q = fast_div(p.div_inner, i);
+// Row q = i / inner of element i and its channel q % C.
+__device__ __forceinline__ uint32_t channel_of(uint32_t i, const AffinePlan& p, uint32_t& q) {
+  q = fast_div(p.div_inner, i);
   return q - fast_div(p.div_c, q) * p.div_c.divisor;
 }
 
-__device__ __forceinline__ uint64_t channel_of(uint64_t i, const AffinePlan& p) {
-  return (i / static_cast<uint64_t>(p.inner)) % static_cast<uint64_t>(p.g.C);
+__device__ __forceinline__ uint64_t channel_of(uint64_t i, const AffinePlan& p, uint64_t& q) {
+  q = i / static_cast<uint64_t>(p.inner);
+  return q % static_cast<uint64_t>(p.g.C);
 }
 
 __device__ __forceinline__ uint32_t mod_c(uint32_t i, const AffinePlan& p) {
@@ -44,17 +55,55 @@ __device__ __forceinline__ uint64_t mod_c(uint64_t i, const AffinePlan& p) {
   return i % static_cast<uint64_t>(p.g.C);
 }
 
-template <typename T, typename I, int U, int MODE>
+// The coefficients of one channel (scalar loads; the lanes of a warp mostly share the channel).
+struct Coef {
+  float k0, s0, k1, s1, s2;
+};
+
+template <typename I>
+__device__ __forceinline__ Coef coef_at(const AffineCoefs& k, I c, bool has_in1) {
+  Coef q;
+  q.k0 = k.k0 != nullptr ? k.k0[c] : 0.f;
+  q.s0 = k.p0[c];
+  q.k1 = has_in1 && k.k1 != nullptr ? k.k1[c] : 0.f;
+  q.s1 = has_in1 ? k.p1[c] : 0.f;
+  q.s2 = k.p2 != nullptr ? k.p2[c] : 0.f;
+  return q;
+}
+
+// v1 is read only with in1 (by reference: without in1 it is never initialised).
+__device__ __forceinline__ float affine1(float v0, const float& v1, const Coef& q, bool has_in1) {
+  const float r = has_in1 ? fmaf(v1 - q.k1, q.s1, q.s2) : q.s2;
+  return fmaf(v0 - q.k0, q.s0, r);
+}
+
+// U consecutive coefficients from c0 (a multiple of U) as min(U, 4)-float vector loads; null: 0.
+template <int U, typename I>
+__device__ __forceinline__ void load_coefs(const float* p, I c0, float (&out)[U]) {
+  if (p == nullptr) {
+#pragma unroll
+    for (int e = 0; e < U; ++e) out[e] = 0.f;
+    return;
+  }
+  constexpr int W = U < 4 ? U : 4;
+#pragma unroll
+  for (int j = 0; j < U; j += W) {
+    const AlignedVec<float, W> v = *reinterpret_cast<const AlignedVec<float, W>*>(p + c0 + j);
+#pragma unroll
+    for (int e = 0; e < W; ++e) out[j + e] = v.v[e];
+  }
+}
+
+template <typename T, typename I, int U, bool ACROSS>
 __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePlan& p) {
   const T* __restrict__ in0 = static_cast<const T*>(a.in0);
   const T* __restrict__ in1 = static_cast<const T*>(a.in1);
   T* __restrict__ out = static_cast<T*>(a.out);
   const I units = static_cast<I>(p.g.numel) / U;
-  constexpr int kUnroll = unroll_for<U>();
+  constexpr int kUnroll = unroll_for<T, U>();
   const I step = static_cast<I>(gridDim.x) * kThreads * kUnroll;
   const AffineCoefs& k = a.k;
-  const bool has_in1 = in1 != nullptr, has_k0 = k.k0 != nullptr, has_k1 = k.k1 != nullptr,
-             has_p2 = k.p2 != nullptr;
+  const bool has_in1 = in1 != nullptr;
   for (I base = static_cast<I>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < units;
        base += step) {
     float v0[kUnroll][U], v1[kUnroll][U];
@@ -72,27 +121,44 @@ __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePla
       if (u >= units) continue;
       const I i = u * U;
       float o[U];
-      if (MODE == 2) {
-        // Consecutive channels c0 .. c0 + U - 1 (C is a multiple of U, so no wrap-around).
+      if constexpr (ACROSS) {
+        // Channels c0 .. c0 + U - 1 (C is a multiple of U, so no wrap-around).
         const I c0 = mod_c(i, p);
+        float k0[U], s0[U], s2[U];
+        load_coefs<U>(k.k0, c0, k0);
+        load_coefs<U>(k.p0, c0, s0);
+        load_coefs<U>(k.p2, c0, s2);
+        if (has_in1) {
+          float k1[U], s1[U];
+          load_coefs<U>(k.k1, c0, k1);
+          load_coefs<U>(k.p1, c0, s1);
 #pragma unroll
-        for (int e = 0; e < U; ++e) {
-          const I c = c0 + e;
-          const float q = has_in1 ? fmaf(v1[r][e] - (has_k1 ? k.k1[c] : 0.f), k.p1[c],
-                                         has_p2 ? k.p2[c] : 0.f)
-                                  : (has_p2 ? k.p2[c] : 0.f);
-          o[e] = fmaf(v0[r][e] - (has_k0 ? k.k0[c] : 0.f), k.p0[c], q);
+          for (int e = 0; e < U; ++e) {
+            o[e] = fmaf(v0[r][e] - k0[e], s0[e], fmaf(v1[r][e] - k1[e], s1[e], s2[e]));
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < U; ++e) o[e] = fmaf(v0[r][e] - k0[e], s0[e], s2[e]);
         }
       } else {
-        // MODE 1: the U elements share one channel; MODE 0: U == 1.
-        const I c = channel_of(i, p);
-        const float k0 = has_k0 ? k.k0[c] : 0.f, s0 = k.p0[c];
-        const float k1 = has_in1 && has_k1 ? k.k1[c] : 0.f, s1 = has_in1 ? k.p1[c] : 0.f;
-        const float s2 = has_p2 ? k.p2[c] : 0.f;
+        I q;
+        const I c = channel_of(i, p, q);
+        const Coef lo = coef_at(k, c, has_in1);
+        // Elements left in row q from i: at least 1, and at most one boundary in the vector.
+        const I room = (q + 1) * static_cast<I>(p.inner) - i;
+        if (U == 1 || room >= static_cast<I>(U)) {
 #pragma unroll
-        for (int e = 0; e < U; ++e) {
-          const float q = has_in1 ? fmaf(v1[r][e] - k1, s1, s2) : s2;
-          o[e] = fmaf(v0[r][e] - k0, s0, q);
+          for (int e = 0; e < U; ++e) o[e] = affine1(v0[r][e], v1[r][e], lo, has_in1);
+        } else {
+          const I c_next = c + 1 == static_cast<I>(p.g.C) ? I(0) : c + 1;
+          const Coef hi = coef_at(k, c_next, has_in1);
+#pragma unroll
+          for (int e = 0; e < U; ++e) {
+            const bool first = static_cast<I>(e) < room;  // selects, not a local-memory struct
+            const Coef cf{first ? lo.k0 : hi.k0, first ? lo.s0 : hi.s0, first ? lo.k1 : hi.k1,
+                          first ? lo.s1 : hi.s1, first ? lo.s2 : hi.s2};
+            o[e] = affine1(v0[r][e], v1[r][e], cf, has_in1);
+          }
         }
       }
       store_from_float<T, U>(out + i, o);
@@ -100,14 +166,114 @@ __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePla
   }
 }
 
-template <typename T, typename I>
-__global__ void __launch_bounds__(kThreads) channel_affine_kernel(AffineArgs a, AffinePlan p) {
-  constexpr int V = VecWidth<T>::value;
+// The numel % U elements after the last whole vector (across = false with U > 1 only), one per
+// thread of the first threads of the grid.
+template <typename T, typename I, int U>
+__device__ __forceinline__ void affine_tail(const AffineArgs& a, const AffinePlan& p) {
+  const I start = static_cast<I>(p.g.numel) / U * U;
+  const I i = start + static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= static_cast<I>(p.g.numel)) return;
+  const bool has_in1 = a.in1 != nullptr;
+  I q;
+  const Coef cf = coef_at(a.k, channel_of(i, p, q), has_in1);
+  const float v0 = static_cast<float>(static_cast<const T*>(a.in0)[i]);
+  const float v1 = has_in1 ? static_cast<float>(static_cast<const T*>(a.in1)[i]) : 0.f;
+  static_cast<T*>(a.out)[i] = static_cast<T>(affine1(v0, v1, cf, has_in1));
+}
+
+template <typename T, typename I, int U, bool ACROSS>
+__device__ __forceinline__ void affine_body(const AffineArgs& a, const AffinePlan& p) {
   if (a.counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.counter += 1;
-  switch (p.mode) {
-    case 1: affine_loop<T, I, V, 1>(a, p); break;
-    case 2: affine_loop<T, I, V, 2>(a, p); break;
-    default: affine_loop<T, I, 1, 0>(a, p); break;
+  affine_loop<T, I, U, ACROSS>(a, p);
+  if constexpr (!ACROSS && U > 1) affine_tail<T, I, U>(a, p);
+}
+
+template <typename T, typename I, int U, bool ACROSS>
+__global__ void __launch_bounds__(kThreads) channel_affine_kernel(AffineArgs a, AffinePlan p) {
+  affine_body<T, I, U, ACROSS>(a, p);
+}
+
+// 8-element vectors across channels hold up to 5 x 8 coefficients besides the data: unbounded,
+// ptxas takes 86 registers (2 CTAs per SM); bounded to 3 CTAs per SM it fits in 80 without
+// spilling. (A bound on the other instantiations only lets ptxas take more registers.)
+template <typename T, typename I, int U, bool ACROSS>
+__global__ void __launch_bounds__(kThreads, 3) channel_affine_kernel_b3(AffineArgs a,
+                                                                        AffinePlan p) {
+  affine_body<T, I, U, ACROSS>(a, p);
+}
+
+template <typename T, typename I, int U, bool ACROSS>
+constexpr auto affine_kernel() {
+  if constexpr (ACROSS && U == 8) {
+    return channel_affine_kernel_b3<T, I, U, ACROSS>;
+  } else {
+    return channel_affine_kernel<T, I, U, ACROSS>;
+  }
+}
+
+// Resident CTAs per SM of a kernel on the current device (cached per kernel and device): the grid
+// is at most one full wave of them, the grid-stride loop does the rest.
+template <typename T, typename I, int U, bool ACROSS>
+int affine_blocks_per_sm() {
+#ifdef DBN_EMULATION
+  return 2048 / kThreads;
+#else
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::array<std::atomic<int>, 64> cache{};
+  std::atomic<int>& slot = cache[device % 64];
+  int blocks = slot.load(std::memory_order_relaxed);
+  if (blocks > 0) return blocks;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, affine_kernel<T, I, U, ACROSS>(), kThreads, 0));
+  blocks = std::max(blocks, 1);
+  slot.store(blocks, std::memory_order_relaxed);
+  return blocks;
+#endif
+}
+
+template <typename T, typename I, int U, bool ACROSS>
+void launch_affine(const AffinePlan& plan, const AffineArgs& a, cudaStream_t stream) {
+  const int64_t units = plan.g.numel / U;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * unroll_for<T, U>();
+  const int64_t wave = static_cast<int64_t>(plan.sms) * affine_blocks_per_sm<T, I, U, ACROSS>();
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min((units + per_block - 1) / per_block, wave)));
+  const auto kernel = affine_kernel<T, I, U, ACROSS>();
+  DBN_LAUNCH(kernel, blocks, kThreads, stream, a, plan);
+}
+
+// Widths V, V/2 and V/4 (while > 1) for 32-bit indices; V only for 64-bit ones.
+template <typename T, typename I, bool ACROSS>
+void launch_vector(const AffinePlan& plan, const AffineArgs& a, cudaStream_t stream) {
+  constexpr int V = VecWidth<T>::value;
+  if (plan.width == V) {
+    launch_affine<T, I, V, ACROSS>(plan, a, stream);
+    return;
+  }
+  if constexpr (sizeof(I) == 4) {
+    if (plan.width == V / 2) {
+      launch_affine<T, I, V / 2, ACROSS>(plan, a, stream);
+      return;
+    }
+    if constexpr (V / 4 > 1) {
+      if (plan.width == V / 4) {
+        launch_affine<T, I, V / 4, ACROSS>(plan, a, stream);
+        return;
+      }
+    }
+  }
+  TORCH_CHECK(false, "dbn channel_affine: no kernel for width ", plan.width);
+}
+
+template <typename T, typename I>
+void launch_indexed(const AffinePlan& plan, const AffineArgs& a, cudaStream_t stream) {
+  if (plan.width == 1) {
+    launch_affine<T, I, 1, false>(plan, a, stream);
+  } else if (plan.across) {
+    launch_vector<T, I, true>(plan, a, stream);
+  } else {
+    launch_vector<T, I, false>(plan, a, stream);
   }
 }
 
@@ -117,14 +283,12 @@ void launch_channel_affine(const AffinePlan& plan, const at::Tensor& in0, const 
                            at::Tensor& out, const AffineCoefs& coefs, int64_t* counter,
                            cudaStream_t stream) {
   DBN_DISPATCH_FLOAT_TYPES(in0.scalar_type(), "dbn channel_affine", [&] {
-    AffineArgs a{in0.const_data_ptr(), in1 != nullptr ? in1->const_data_ptr() : nullptr,
-                 out.data_ptr(), coefs, counter};
+    const AffineArgs a{in0.const_data_ptr(), in1 != nullptr ? in1->const_data_ptr() : nullptr,
+                       out.data_ptr(), coefs, counter};
     if (plan.wide_index) {
-      const auto kernel = channel_affine_kernel<scalar_t, uint64_t>;
-      DBN_LAUNCH(kernel, plan.blocks, kThreads, stream, a, plan);
+      launch_indexed<scalar_t, uint64_t>(plan, a, stream);
     } else {
-      const auto kernel = channel_affine_kernel<scalar_t, uint32_t>;
-      DBN_LAUNCH(kernel, plan.blocks, kThreads, stream, a, plan);
+      launch_indexed<scalar_t, uint32_t>(plan, a, stream);
     }
   });
 }

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <type_traits>
 
 #include "dbn_common.cuh"
 
@@ -15,8 +16,9 @@ namespace dbn {
 // ---- NCS: contiguous (N, C, S) -----------------------------------------------------------------
 // grid (C, splits), 1-D blocks of kThreads. CTA (c, j) covers rows [n0, n1) of channel c (row n
 // = the S values of (n, c)) and columns [s0, s0 + chunk). Its work is flattened into units (U
-// consecutive columns, one 16-byte vector when U > 1) numbered t = row * units_per_chunk + col, so
-// short rows (7x7) keep every thread busy; t -> (row, col) is one multiply-shift division.
+// consecutive columns, one load of U * sizeof(T) <= 16 bytes; U divides S) numbered
+// t = row * units_per_chunk + col, so short rows (7x7) keep every thread busy; t -> (row, col) is
+// one multiply-shift division.
 template <typename T, class Op, int U, int B>
 __device__ __forceinline__ void ncs_accumulate(const T* __restrict__ x, const T* __restrict__ dy,
                                                int64_t base, int64_t row_stride, uint32_t total,
@@ -62,11 +64,26 @@ __device__ __forceinline__ void ncs_accumulate(const T* __restrict__ x, const T*
   }
 }
 
-template <typename T, class Op>
+// Loads of U elements (U a power of two dividing S, at most 16 bytes), B per batch: 16 elements
+// in flight per thread and input for every vector width, 8 for scalar loads.
+template <typename T, class Op, int U>
+__device__ __forceinline__ void ncs_run(const T* __restrict__ x, const T* __restrict__ dy,
+                                        int64_t base, int64_t row_stride, int64_t rows,
+                                        int64_t cols, const ReducePlan& p,
+                                        float (&st)[Op::kF][1], const float (&center)[1]) {
+  constexpr int B = U == 1 ? 8 : 16 / U;
+  const uint32_t per_row = static_cast<uint32_t>(p.chunk / U);
+  const uint32_t total = static_cast<uint32_t>(rows) * per_row;
+  const uint32_t valid = static_cast<uint32_t>(cols / U);
+  ncs_accumulate<T, Op, U, B>(x, dy, base, row_stride, total, p.units_div, valid, st, center);
+}
+
+// One kernel per load width U (= p.width), so each gets its own register allocation (the
+// resident CTAs per SM, and so the planned grid, are per width too).
+template <typename T, class Op, int U>
 __global__ void __launch_bounds__(kThreads)
 reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                   const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part) {
-  constexpr int V = VecWidth<T>::value;
   const int64_t C = p.g.C, S = p.g.S, N = p.g.N;
   const int64_t c = blockIdx.x;
   const int j = blockIdx.y;
@@ -84,18 +101,7 @@ reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   for (int f = 0; f < Op::kF; ++f) st[f][0] = 0.f;
 
   // The plan guarantees (n1 - n0) * units per chunk < 2^31.
-  if (p.vec) {
-    const uint32_t per_row = static_cast<uint32_t>(p.chunk / V);
-    const uint32_t total = static_cast<uint32_t>(n1 - n0) * per_row;
-    const uint32_t valid = static_cast<uint32_t>((s1 - s0) / V);
-    ncs_accumulate<T, Op, V, (16 / V > 1 ? 16 / V : 1)>(x, dy, base, row_stride, total,
-                                                        p.units_div, valid, st, center);
-  } else {
-    const uint32_t per_row = static_cast<uint32_t>(p.chunk);
-    const uint32_t total = static_cast<uint32_t>(n1 - n0) * per_row;
-    const uint32_t valid = static_cast<uint32_t>(s1 - s0);
-    ncs_accumulate<T, Op, 1, 8>(x, dy, base, row_stride, total, p.units_div, valid, st, center);
-  }
+  ncs_run<T, Op, U>(x, dy, base, row_stride, n1 - n0, s1 - s0, p, st, center);
 
   float acc[Op::kF];
 #pragma unroll
@@ -110,18 +116,29 @@ reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy,
 
 // ---- NSC: channels last, M rows of C ------------------------------------------------------------
 // grid (channel tiles, splits), blocks (tx, ty) with tx * ty = kThreads. Thread (tx, ty) owns the
-// G = 16 / sizeof(T) consecutive channels [c0, c0 + G) (one 16-byte vector per row when aligned)
-// and rows r0 + ty, r0 + ty + ty_dim, ... of its split, R rows per batch for memory parallelism.
-// A warp reads whole 16-byte-aligned row segments: coalesced. The ty states are then merged by a
-// fixed shared-memory tree.
+// G = 16 / sizeof(T) consecutive channels [c0, c0 + G) (one 16-byte vector per row when aligned:
+// p.width == G) and rows r0 + ty, r0 + ty + ty_dim, ... of its split, R rows per batch for memory
+// parallelism. A warp reads whole 16-byte-aligned row segments: coalesced. The ty states are then
+// merged by a fixed shared-memory tree.
+//
+// Its register use sits near an occupancy step, where ptxas's choice moves with unrelated code
+// changes (76 -> 86 registers, 3 -> 2 CTAs per SM, for the 16-bit forward): the bound pins the
+// resident CTAs per SM (forward 3 for 16-bit types, 4 for float32; backward 2). The only spill it
+// causes is 4 bytes in the 16-bit forward's scalar (C % 8 != 0) path on sm_90.
 template <typename T, class Op>
-__global__ void __launch_bounds__(kThreads)
+constexpr int nsc_min_blocks() {
+  return Op::kNeedsDy ? 2 : (sizeof(T) == 2 ? 3 : 4);
+}
+
+template <typename T, class Op>
+__global__ void __launch_bounds__(kThreads, (nsc_min_blocks<T, Op>()))
 reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                   const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part) {
   constexpr int G = VecWidth<T>::value;
   constexpr int R = 4;
   constexpr int kF = Op::kF;
   const int64_t C = p.g.C;
+  const bool vec = p.width == G;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int TX = blockDim.x, TY = blockDim.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * TX + tx) * G;
@@ -152,7 +169,7 @@ reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
         const int64_t rr = r + static_cast<int64_t>(i) * TY;
         ok[i] = rr < r1;
         const int64_t off = rr * C + c0;
-        if (ok[i] && p.vec) {
+        if (ok[i] && vec) {
           load_as_float<T, G>(x + off, xv[i]);
           if constexpr (Op::kNeedsDy) load_as_float<T, G>(dy + off, gv[i]);
         } else {
@@ -212,26 +229,50 @@ reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   }
 }
 
-// Resident CTAs per SM of the reduction kernel for this layout on the current device: the planner
-// sizes the grid to exactly one full wave (every CTA resident at once, equal work, no tail).
+// Call f(std::integral_constant<int, U>{}) for the NCS load width U = width (16 / sizeof(T), its
+// halves down to 1).
+template <typename T, typename F>
+decltype(auto) with_ncs_width(int width, F&& f) {
+  constexpr int V = VecWidth<T>::value;
+  if (width == V) return f(std::integral_constant<int, V>{});
+  if (width == V / 2) return f(std::integral_constant<int, V / 2>{});
+  if constexpr (V / 4 > 1) {
+    if (width == V / 4) return f(std::integral_constant<int, V / 4>{});
+  }
+  TORCH_CHECK(width == 1, "dbn reduce: no kernel for width ", width);
+  return f(std::integral_constant<int, 1>{});
+}
+
+// Resident CTAs per SM of the reduction kernel for this layout (and NCS load width) on the current
+// device: the planner sizes the grid to exactly one full wave (every CTA resident at once, equal
+// work, no tail).
 template <typename T, class Op>
-int reduce_blocks_per_sm(bool channels_last) {
+int reduce_blocks_per_sm(bool channels_last, int width) {
 #ifdef DBN_EMULATION
   (void)channels_last;
+  (void)width;
   return 2048 / kThreads;
 #else
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  static std::array<std::atomic<int>, 128> cache{};
-  std::atomic<int>& slot = cache[(device % 64) * 2 + (channels_last ? 1 : 0)];
+  // Slots per device: NCS widths 1, 2, 4, 8, then NSC.
+  static std::array<std::atomic<int>, 64 * 5> cache{};
+  int kind = 4;
+  if (!channels_last) {
+    kind = 0;
+    while ((2 << kind) <= width) ++kind;
+  }
+  std::atomic<int>& slot = cache[(device % 64) * 5 + kind];
   int blocks = slot.load(std::memory_order_relaxed);
   if (blocks > 0) return blocks;
   if (channels_last) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &blocks, reduce_nsc_kernel<T, Op>, kThreads, 0));
   } else {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, reduce_ncs_kernel<T, Op>, kThreads, 0));
+    with_ncs_width<T>(width, [&](auto u) {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &blocks, reduce_ncs_kernel<T, Op, decltype(u)::value>, kThreads, 0));
+    });
   }
   blocks = std::max(blocks, 1);
   slot.store(blocks, std::memory_order_relaxed);
@@ -240,11 +281,12 @@ int reduce_blocks_per_sm(bool channels_last) {
 }
 
 template <class Op>
-int reduce_blocks_per_sm_for(at::ScalarType dtype, bool channels_last) {
+int reduce_blocks_per_sm_for(at::ScalarType dtype, bool channels_last, int width) {
   switch (dtype) {
-    case at::ScalarType::Half: return reduce_blocks_per_sm<c10::Half, Op>(channels_last);
-    case at::ScalarType::BFloat16: return reduce_blocks_per_sm<c10::BFloat16, Op>(channels_last);
-    default: return reduce_blocks_per_sm<float, Op>(channels_last);
+    case at::ScalarType::Half: return reduce_blocks_per_sm<c10::Half, Op>(channels_last, width);
+    case at::ScalarType::BFloat16:
+      return reduce_blocks_per_sm<c10::BFloat16, Op>(channels_last, width);
+    default: return reduce_blocks_per_sm<float, Op>(channels_last, width);
   }
 }
 
@@ -257,9 +299,11 @@ void launch_reduce(const T* x, const T* dy, const float* center, const ReducePla
     const auto kernel = reduce_nsc_kernel<T, Op>;
     DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part);
   } else {
-    const dim3 grid(p.grid_x, p.splits), block(kThreads);
-    const auto kernel = reduce_ncs_kernel<T, Op>;
-    DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part);
+    with_ncs_width<T>(p.width, [&](auto u) {
+      const dim3 grid(p.grid_x, p.splits), block(kThreads);
+      const auto kernel = reduce_ncs_kernel<T, Op, decltype(u)::value>;
+      DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part);
+    });
   }
 }
 
