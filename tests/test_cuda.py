@@ -115,6 +115,15 @@ def make_x(shape, dtype, layout, device, *, offset=3.0, scale=2.0, seed=0):
     return x
 
 
+def offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """t's values and strides, stored ``offset`` elements into a fresh buffer (so its data pointer
+    is only ``offset * element_size`` aligned)."""
+    buf = torch.empty(offset + t.numel(), dtype=t.dtype, device=t.device)
+    out = buf.as_strided(t.shape, t.stride(), offset)
+    out.copy_(t)
+    return out
+
+
 def layouts_for(shape):
     return ["contiguous", "channels_last"] if len(shape) >= 3 else ["contiguous"]
 
@@ -206,9 +215,11 @@ def runner_step(runner, x, weight, bias, buffers, nbt, momentum, schedule, gy):
 
 
 def check_step(runner, shape, layout, dtype, *, momentum=0.1, schedule=(0.5, 1.0, 0.0), k0=3,
-               affine=True, param_dtype=torch.float32, offset=3.0, scale=2.0):
+               affine=True, param_dtype=torch.float32, offset=3.0, scale=2.0, storage_offset=0):
     dev = runner.device
     x = make_x(shape, dtype, layout, dev, offset=offset, scale=scale)
+    if storage_offset:
+        x = offset_copy(x, storage_offset)
     C = shape[1]
     g = torch.Generator().manual_seed(2)
     weight = (torch.rand(C, generator=g) + 0.5).to(dev, param_dtype) if affine else None
@@ -281,6 +292,75 @@ def test_large_mean_small_std(runner):
     """|mean| >> std: Welford/Chan keeps the variance accurate where E[x^2] - E[x]^2 would not."""
     check_step(runner, (16, 4, 9, 9), "contiguous", torch.float32, offset=1000.0, scale=0.5)
     check_step(runner, (16, 4, 9, 9), "channels_last", torch.float32, offset=1000.0, scale=0.5)
+
+
+# (shape, layout, dtype, storage offset in elements) -> the emulation's plans [reduction width,
+# element-wise width, element-wise across] in the forward and the backward.
+VECTOR_CASES = [
+    # contiguous: the reduction loads the widest power of two dividing S; the element-wise pass
+    # loads 16 bytes whenever S >= 16 bytes of elements (vectors may cross a channel boundary),
+    # with the numel % width last elements done one by one.
+    ((3, 5, 7, 7), "contiguous", torch.bfloat16, 0, [1, 8, 0]),      # S = 49, tail of 7
+    ((2, 3, 14, 14), "contiguous", torch.bfloat16, 0, [4, 8, 0]),    # S = 196
+    ((2, 3, 28, 28), "contiguous", torch.float16, 0, [8, 8, 0]),     # S = 784
+    ((5, 3, 6), "contiguous", torch.bfloat16, 0, [2, 4, 0]),         # S = 6, tail of 2
+    ((5, 3, 3), "contiguous", torch.float16, 0, [1, 2, 0]),          # S = 3, tail of 1
+    ((3, 5, 7, 7), "contiguous", torch.float32, 0, [1, 4, 0]),       # S = 49, tail of 3
+    ((3, 3, 6), "contiguous", torch.float32, 0, [2, 4, 0]),          # S = 6, tail of 2
+    ((2, 3, 14, 14), "contiguous", torch.bfloat16, 2, [2, 2, 0]),    # 4-byte aligned x
+    ((3, 5, 7, 7), "contiguous", torch.float16, 1, [1, 1, 0]),       # 2-byte aligned x
+    # channels last: vectors of consecutive channels with vector coefficient loads, as wide as
+    # C and the alignment allow.
+    ((2, 1000, 2, 3), "channels_last", torch.bfloat16, 0, [8, 8, 1]),
+    ((6, 1000), "contiguous", torch.float16, 0, [8, 8, 1]),          # (N, C): channels last
+    ((3, 12, 5, 7), "channels_last", torch.float16, 0, [1, 4, 1]),
+    ((4, 10, 3, 3), "channels_last", torch.bfloat16, 0, [1, 2, 1]),
+    ((3, 7, 3, 3), "channels_last", torch.float16, 0, [1, 1, 0]),
+    ((3, 12, 5, 7), "channels_last", torch.float32, 0, [4, 4, 1]),
+    ((4, 10, 3, 3), "channels_last", torch.float32, 0, [1, 2, 1]),
+    ((4, 16, 3, 3), "channels_last", torch.bfloat16, 4, [1, 4, 1]),  # 8-byte aligned x
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype,storage_offset,plan", VECTOR_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_vector_widths(runner, shape, layout, dtype, storage_offset, plan):
+    """Every access width of the reductions and the element-wise pass, in both layouts: outputs,
+    statistics and gradients against the reference; in the emulation, the planned widths too."""
+    check_step(runner, shape, layout, dtype, storage_offset=storage_offset)
+    if runner.prefix != "emu":
+        return
+    dev = runner.device
+    x = make_x(shape, dtype, layout, dev)
+    if storage_offset:
+        x = offset_copy(x, storage_offset)
+    out = runner.op("train_forward")(x, None, None, None, None, None, None, None, 0.1, EPS,
+                                     1.0, 0.0, 0.0)
+    assert list(torch.ops.dbn.emu_last_plan()) == plan, "forward"
+    runner.op("backward")(torch.randn_like(x), x, None, *out[1:], True, True)
+    assert list(torch.ops.dbn.emu_last_plan()) == plan, "backward"
+
+
+@pytest.mark.parametrize("offset,width", [(1, 1), (2, 2), (4, 8)])
+def test_misaligned_coefficients(runner, offset, width):
+    """A batch_mean whose storage is only 4 or 8 bytes aligned: the channels-last element-wise
+    pass narrows its vectors to what its coefficient loads allow (scalars, 2 floats)."""
+    dev = runner.device
+    x = make_x((4, 16, 3, 3), torch.bfloat16, "channels_last", dev)
+    gy = torch.randn_like(x)
+    out = runner.op("train_forward")(x, None, None, None, None, None, None, None, 0.1, EPS,
+                                     1.0, 0.0, 0.0)
+    saved = list(out[1:])
+    saved[2] = offset_copy(saved[2], offset)  # batch_mean
+    dx, gw, gb = runner.op("backward")(gy, x, None, *saved, True, True)
+    if runner.prefix == "emu":
+        assert list(torch.ops.dbn.emu_last_plan())[1:] == [width, int(width > 1)]
+    rdx, rgw, rgb = torch.ops.dbn.reference_backward(gy.double(), x.double(), None,
+                                                     *[t.double() for t in out[1:]], True, True)
+    _, dx_err = native_errors(x, torch.ones(16, device=dev), torch.zeros(16, device=dev), gy)
+    assert_rel(dx, rdx, output_tol(x, dx_err, rdx), "grad_x")
+    assert_rel(gw, rgw, SUM_RTOL, "grad_weight")
+    assert_rel(gb, rgb, SUM_RTOL, "grad_bias")
 
 
 @pytest.mark.parametrize("sms", ["1", "132"])
