@@ -32,7 +32,8 @@ def _affine(centred: torch.Tensor, x: torch.Tensor, weight, bias, invstd, acc,
     shift = torch.zeros_like(scale) if bias is None else bias.to(acc)
     if offset is not None:
         shift = shift + offset * scale
-    y = torch.addcmul(_per_channel(shift, x), centred, _per_channel(scale, x), out=centred)
+    # In place on a temporary: on CPU a fresh x-sized allocation costs more than the arithmetic.
+    y = centred.mul_(_per_channel(scale, x)).add_(_per_channel(shift, x))
     return y.to(x.dtype)
 
 
@@ -111,7 +112,8 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     gf = grad_y.to(acc)
     sum_dy = gf.sum(dims)
     centred = xf - _per_channel(mean, x)
-    sum_dy_xhat = (centred * gf).sum(dims) * invstd
+    work = centred * gf  # summed here, then reused in place as dx's storage
+    sum_dy_xhat = work.sum(dims) * invstd
     if not input_grad:
         return x.new_empty((0,)), sum_dy_xhat, sum_dy
 
@@ -121,10 +123,10 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     if grad_through_stats:
         b = -a * alpha * sum_dy_xhat * batch_invstd / M
         c = -a * alpha * sum_dy / M + b * (mean - batch_mean)
-        grad_x = torch.addcmul(_per_channel(c, x), gf, _per_channel(a, x))
+        grad_x = torch.mul(gf, _per_channel(a, x), out=work).add_(_per_channel(c, x))
         grad_x.addcmul_(centred, _per_channel(b, x))
     else:
-        grad_x = gf * _per_channel(a, x)
+        grad_x = torch.mul(gf, _per_channel(a, x), out=work)
     return _like_input(grad_x, x), sum_dy_xhat, sum_dy
 
 define_backend("reference", {"train_forward": train_forward, "eval_forward": eval_forward,
