@@ -57,6 +57,7 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     centred = xf - _per_channel(batch_mean, x)
     batch_var = centred.square().mean(dims)
     batch_std = torch.sqrt(batch_var + eps)
+    batch_invstd = batch_std.reciprocal()
 
     k = None
     if num_batches_tracked is not None:
@@ -72,8 +73,8 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         invstd = std.reciprocal()
     else:
         alpha = torch.ones((), dtype=acc, device=x.device)
-        mean = batch_mean.clone()
-        invstd = batch_std.reciprocal()
+        mean = batch_mean.clone()  # op outputs may not alias each other
+        invstd = batch_invstd.clone()
 
     if running_mean is not None:
         if momentum is None:
@@ -85,7 +86,7 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
 
     # x - mu_k = (x - m_B) + (m_B - mu_k): reuse the batch-centred values.
     y = _affine(centred, x, weight, bias, invstd, acc, offset=batch_mean - mean)
-    return y, mean, invstd, batch_mean, batch_std.reciprocal(), alpha
+    return y, mean, invstd, batch_mean, batch_invstd, alpha
 
 
 def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
