@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import dbn_kernels as dbn
+from torch_compat import torch_norm
 
 
 def _trained(module, steps=2, shape=(4, 3, 5, 5)):
@@ -15,11 +16,11 @@ def _trained(module, steps=2, shape=(4, 3, 5, 5)):
 @pytest.mark.parametrize("kwargs", [{}, {"affine": False}, {"bias": False},
                                     {"track_running_stats": False}, {"momentum": None}])
 def test_plain_state_dict_round_trips_strictly(kwargs):
-    theirs = _trained(nn.BatchNorm2d(3, **kwargs))
+    theirs = _trained(torch_norm(nn.BatchNorm2d, 3, **kwargs))
     ours = dbn.BatchNorm2d(3, **kwargs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    back = nn.BatchNorm2d(3, **kwargs)
+    back = torch_norm(nn.BatchNorm2d, 3, **kwargs)
     back.load_state_dict(_trained(ours).state_dict(), strict=True)
     for key, value in ours.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], value)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import dbn_kernels as dbn
+from torch_compat import torch_norm
 
 PAIRS = [(nn.BatchNorm1d, dbn.BatchNorm1d, dbn.DiminishingBatchNorm1d),
          (nn.BatchNorm2d, dbn.BatchNorm2d, dbn.DiminishingBatchNorm2d),
@@ -98,7 +99,7 @@ def test_pytorch_module_samples(torch_cls, sample, kind, backend):
 def test_plain_matches_torch(torch_cls, momentum, affine, bias, backend):
     shape = {nn.BatchNorm1d: (7, 5, 3), nn.BatchNorm2d: (3, 5, 7, 7),
              nn.BatchNorm3d: (2, 5, 3, 1, 4)}[torch_cls]
-    expected = torch_cls(5, momentum=momentum, affine=affine, bias=bias)
+    expected = torch_norm(torch_cls, 5, momentum=momentum, affine=affine, bias=bias)
     actual = OURS[torch_cls][0](5, momentum=momentum, affine=affine, bias=bias, backend=backend)
     _randomise_affine(expected)
     actual.load_state_dict(expected.state_dict())

@@ -11,9 +11,10 @@
 
 #include <math.h>
 
-#include <barrier>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -34,15 +35,43 @@ struct dim3 {
 namespace dbn {
 namespace emu {
 
+// A reusable barrier for a fixed number of threads. std::barrier is C++20, and torch's
+// cpp_extension builds with -std=c++17 on some supported releases (2.11), so the emulation keeps
+// its own: the last thread to arrive starts a new phase and wakes the rest.
+class Barrier {
+ public:
+  explicit Barrier(unsigned threads) : threads_(threads) {}
+
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long phase = phase_;
+    if (++arrived_ == threads_) {
+      arrived_ = 0;
+      ++phase_;
+      lock.unlock();
+      wake_.notify_all();
+      return;
+    }
+    wake_.wait(lock, [&] { return phase_ != phase; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  const unsigned threads_;
+  unsigned arrived_ = 0;
+  unsigned long phase_ = 0;
+};
+
 struct BlockState {
   explicit BlockState(unsigned threads)
       : block_barrier(threads), warp_values((threads + 31) / 32 * 32) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
-      warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+      warp_barriers.push_back(std::make_unique<Barrier>(32));
     }
   }
-  std::barrier<> block_barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  Barrier block_barrier;
+  std::vector<std::unique_ptr<Barrier>> warp_barriers;
   std::vector<float> warp_values;
 };
 
