@@ -13,21 +13,24 @@ import torch
 from dbn_kernels.benchmark.cli import main
 from dbn_kernels.benchmark.oracle import CaseInputs
 from dbn_kernels.benchmark.providers import Provider, Unsupported, all_providers
-from dbn_kernels.benchmark.runner import run_benchmark
+from dbn_kernels.benchmark.report import kernel_table
+from dbn_kernels.benchmark.runner import Row, add_speedups, run_benchmark
 from dbn_kernels.benchmark.shapes import (DTYPES, LAYOUTS, MODES, Shape, bytes_moved,
                                           resnet50_shapes)
-from dbn_kernels.benchmark.timing import Timer, TimerSettings, percentile
+from dbn_kernels.benchmark.timing import (CPU_SETTINGS, NOISE_THRESHOLD, CallFailed, Timer,
+                                          TimerSettings, Timing, percentile)
 
-# One CPU thread: CI machines are small and shared, and PyTorch's multi-threaded CPU kernels stall
-# (tens of ms per call) when another process holds the other core.
-THREADS = ["--threads", "1"]
 REQUIRED = ("provider", "shape", "dtype", "layout", "mode", "median_ms", "gbps")
 GPU_ONLY = {"cuda-bn", "cuda-dbn", "triton-bn", "triton-dbn", "cudnn"}
 
 
 def check_document(document: dict) -> list[dict]:
     """The rows of a kernel-suite JSON are well formed; returns the timed ones."""
-    assert document["environment"]["torch"] == torch.__version__
+    env = document["environment"]
+    assert env["torch"] == torch.__version__
+    assert env["cpu_threads"] >= 1 and env["cpu_threads_set_by"]
+    assert env["cpus_usable"] >= 1 and "load_average_1min" in env
+    assert document["noise_threshold"] == NOISE_THRESHOLD
     assert document["copy_bandwidth"]["gbps"] > 0
     for skipped in document["skipped_providers"]:
         assert skipped["provider"] and skipped["reason"]
@@ -45,13 +48,18 @@ def check_document(document: dict) -> list[dict]:
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
         assert math.isfinite(row["gbps"]) and row["gbps"] > 0
         assert row["max_rel_err"] < 1e-4  # float32 on CPU
+        assert row["calls_per_sample"] >= 1
+        spread = (row["p80_ms"] - row["p20_ms"]) / row["median_ms"]
+        assert row["spread"] == pytest.approx(spread)
+        assert row["noisy"] is (spread > NOISE_THRESHOLD)
+        assert isinstance(row["speedup_vs_torch_noisy"], bool)
     return timed
 
 
 def test_quick_suite_json_and_csv(tmp_path):
     out, table = tmp_path / "out.json", tmp_path / "out.csv"
     assert main(["--suite", "quick", "--json", str(out), "--csv", str(table),
-                 "--no-progress", *THREADS]) == 0
+                 "--no-progress"]) == 0
     document = json.loads(out.read_text())
     timed = check_document(document)
     skipped = {s["provider"] for s in document["skipped_providers"]}
@@ -78,7 +86,7 @@ def test_console_script(tmp_path):
     out = tmp_path / "out.json"
     result = subprocess.run(
         [*command, "--suite", "quick", "--mode", "eval-fwd", "--layout", "nchw",
-         "--json", str(out), *THREADS], capture_output=True, text=True, timeout=300)
+         "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "median ms" in result.stdout and "skipped providers" in result.stdout
     check_document(json.loads(out.read_text()))
@@ -94,7 +102,7 @@ def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "out.png"
     assert main(["--suite", "quick", "--mode", "eval-fwd", "--plot", str(png),
-                 "--no-progress", *THREADS]) == 0
+                 "--no-progress"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,10 +120,15 @@ def _broken(name: str, build) -> Provider:
 
 def test_wrong_results_are_reported_not_timed():
     torch_eager = next(p for p in all_providers() if p.name == "torch")
+    wrong_calls = []
 
     def off_by_one_percent(inputs: CaseInputs, mode: str):
         call = torch_eager.setup(inputs, mode)
-        return lambda: {name: t * 1.01 for name, t in call().items()}
+
+        def wrong():
+            wrong_calls.append(mode)
+            return {name: t * 1.01 for name, t in call().items()}
+        return wrong
 
     def raises(inputs, mode):
         raise RuntimeError("kernel exploded")
@@ -123,12 +136,23 @@ def test_wrong_results_are_reported_not_timed():
     def rejects(inputs, mode):
         raise Unsupported("not this case")
 
+    def dies_while_timed(inputs, mode):
+        call, calls = torch_eager.setup(inputs, mode), []
+
+        def dies():
+            calls.append(None)
+            if len(calls) > 2:  # the check's call and one warm-up call pass
+                raise RuntimeError("died while timed")
+            return call()
+        return dies
+
     providers = [torch_eager, _broken("wrong", off_by_one_percent), _broken("error", raises),
-                 _broken("rejects", rejects)]
+                 _broken("rejects", rejects), _broken("dies", dies_while_timed)]
     timer = Timer(torch.device("cpu"), TimerSettings(0.0, 1.0, 3, 3))
     rows = run_benchmark([Shape((4, 8, 4, 4))], ["float32"], ["nchw"], ["train-fwd", "bwd"],
                          providers, torch.device("cpu"), timer)
     by_name = {(row.provider, row.mode): row for row in rows}
+    assert wrong_calls == ["train-fwd", "bwd"]  # the checked call only: never timed
     for mode in ("train-fwd", "bwd"):
         assert by_name[("torch", mode)].status == "ok"
         wrong = by_name[("wrong", mode)]
@@ -138,6 +162,115 @@ def test_wrong_results_are_reported_not_timed():
         assert "kernel exploded" in by_name[("error", mode)].reason
         assert by_name[("rejects", mode)].status == "skipped"
         assert by_name[("rejects", mode)].reason == "not this case"
+        dies = by_name[("dies", mode)]
+        assert dies.status == "failed" and dies.timing is None
+        assert dies.reason == "error while timing: RuntimeError: died while timed"
+
+
+class FakeClock:
+    """A nanosecond clock that only moves when a fake call says it took time."""
+
+    def __init__(self) -> None:
+        self.now_ns = 0
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+
+def test_providers_are_timed_in_interleaved_rounds():
+    clock, order = FakeClock(), []
+    per_call_ms = {"a": 0.2, "b": 0.07, "c": 0.6}
+
+    def fake_call(name: str):
+        def call():
+            order.append(name)
+            clock.now_ns += round(per_call_ms[name] * 1e6)
+        return call
+
+    settings = TimerSettings(warmup_ms=1.0, budget_ms=0.0, min_reps=5, max_reps=5,
+                             min_sample_ms=0.5)
+    timer = Timer(torch.device("cpu"), settings, clock=clock)
+    timings = timer.time_interleaved({name: fake_call(name) for name in per_call_ms})
+
+    # Calls shorter than 0.5 ms are repeated within a sample: a 3 times, b 8 times, c once.
+    repeats = {"a": 3, "b": 8, "c": 1}
+    one_round = [name for name in per_call_ms for _ in range(repeats[name])]
+    # The measurement ends with 5 rounds of a's sample, b's, c's, not each call's block in turn.
+    assert order[-5 * len(one_round):] == one_round * 5
+    for name, ms in per_call_ms.items():
+        timing = timings[name]
+        assert timing.calls_per_sample == repeats[name]
+        assert timing.samples_ms == pytest.approx([ms] * 5)  # per call, not per sample
+        assert not timing.noisy
+
+
+def test_a_failing_call_is_named():
+    timer = Timer(torch.device("cpu"), TimerSettings(0.0, 1.0, 3, 3))
+    with pytest.raises(CallFailed) as failure:
+        timer.time_interleaved({"fine": lambda: None, "broken": lambda: 1 / 0})
+    assert failure.value.name == "broken"
+    assert isinstance(failure.value.error, ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):  # time() of one call raises the call's own error
+        timer.time(lambda: 1 / 0)
+
+
+def test_noise_flag():
+    # Six sorted samples: p20 is the 2nd, p80 the 5th, the median the mean of the 3rd and 4th.
+    wide = Timing([1.2, 0.9, 1.0, 1.0, 1.07, 0.95])
+    assert wide.spread == pytest.approx((1.07 - 0.95) / 1.0)  # 12%
+    narrow = Timing([0.9, 0.96, 1.0, 1.0, 1.04, 1.2])
+    assert narrow.spread == pytest.approx((1.04 - 0.96) / 1.0)  # 8%
+    assert NOISE_THRESHOLD == 0.10 and wide.noisy and not narrow.noisy
+
+    def row(provider: str, timing: Timing, shape=(4, 8, 4, 4)) -> Row:
+        return Row(provider=provider, family="bn", shape=Shape(shape), dtype="float32",
+                   layout="nchw", mode="fwd-bwd", status="ok", impl="test", timing=timing,
+                   bytes=1000)
+
+    def scaled(timing: Timing, factor: float) -> Timing:
+        return Timing([sample * factor for sample in timing.samples_ms])
+
+    noisy_case = [row("torch", wide), row("reference-bn", scaled(narrow, 2.0))]
+    steady_case = [row("torch", narrow, (8, 8, 4, 4)),
+                   row("reference-bn", scaled(narrow, 4.0), (8, 8, 4, 4))]
+    rows = noisy_case + steady_case
+    add_speedups(rows)
+    torch_row, reference_row = noisy_case
+    assert reference_row.speedup["torch"] == pytest.approx(1.0 / 2.0)
+    assert reference_row.noisy_speedup["torch"]  # the baseline is noisy
+    assert torch_row.noisy_speedup["torch"] is False  # its own 1.00x is exact
+    assert steady_case[1].speedup["torch"] == pytest.approx(0.25)
+    assert steady_case[1].noisy_speedup["torch"] is False
+    assert reference_row.noisy_speedup["cudnn"] is None  # no cudnn row
+    document = reference_row.to_dict()
+    assert document["noisy"] is False and document["speedup_vs_torch_noisy"] is True
+    assert torch_row.to_dict()["noisy"] is True
+
+    table = kernel_table(rows)
+    assert "0.50x?" in table and "0.25x?" not in table and "0.25x" in table
+    assert "12% noisy" in table and " 8%" in table and "8% noisy" not in table
+    assert "noisy: p20-p80 wider than 10% of the median" in table
+    assert "noisy:" not in kernel_table(steady_case)
+
+
+def test_cpu_threads_default_and_restored(tmp_path):
+    """One thread on CPU unless --threads says otherwise, recorded in the JSON; main() leaves
+    PyTorch's thread count as it found it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for extra, threads in (([], 1), (["--threads", "2"], 2)):
+            out = tmp_path / "out.json"
+            assert main(["--device", "cpu", "--mode", "eval-fwd", "--layout", "nchw",
+                         "--providers", "torch", "--budget-ms", "1", "--json", str(out),
+                         "--no-progress", *extra]) == 0
+            env = json.loads(out.read_text())["environment"]
+            assert env["cpu_threads"] == threads
+            assert ("--threads" in env["cpu_threads_set_by"]) == bool(extra)
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert CPU_SETTINGS.budget_ms == 50.0  # --budget-ms changed that run's timer only
 
 
 def test_dbn_state_differs_from_plain_batch_norm():
@@ -174,8 +307,8 @@ def test_model_resnet50_tiny(tmp_path):
     # legitimately diverge (plain BN pins them to +-1 there).
     out = tmp_path / "model.json"
     assert main(["--model", "resnet50", "--batch", "4", "--image-size", "32", "--json", str(out),
-                 "--providers", "torch,reference-bn,reference-dbn", "--no-progress",
-                 *THREADS]) == 0
+                 "--providers", "torch,reference-bn,reference-dbn",
+                 "--no-progress"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {row["provider"] for row in rows} == {"torch", "reference-bn", "reference-dbn"}
     for row in rows:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import textwrap
 from typing import Iterable, Sequence
 
 from .shapes import MODES
+from .timing import NOISE_THRESHOLD
 
 # ---- progress ---------------------------------------------------------------------------------
 
@@ -91,6 +93,12 @@ def header_text(meta: dict) -> str:
              + (f", driver {env['driver']}" if env.get("driver") else "") + ")",
              f"versions: {versions}  dbn_kernels {env['dbn_kernels']}",
              f"timing: {meta['timing_method']}"]
+    if env["device"] == "cpu":
+        load = env.get("load_average_1min")
+        lines.append(f"threads: {env['cpu_threads']} PyTorch thread(s), set by "
+                     f"{env.get('cpu_threads_set_by', '?')}"
+                     + (f"; load average {load:.1f} over {env.get('cpus_usable')} usable cores"
+                        if load is not None else ""))
     if meta.get("copy_bandwidth"):
         lines.append(f"device copy bandwidth: {meta['copy_bandwidth']['description']}")
     if meta.get("byte_model"):
@@ -106,9 +114,31 @@ def header_text(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _speedup(row, baseline: str) -> str:
+    """``1.23x``; ``1.23x?`` when either timing is noisy; ``-`` without a baseline."""
+    value = row.speedup.get(baseline)
+    if not value:
+        return "-"
+    return f"{value:.2f}x" + ("?" if row.noisy_speedup.get(baseline) else "")
+
+
+def _spread(timing) -> str:
+    if timing is None:
+        return "-"
+    # Percentages right-aligned within the left-aligned column, the flag after them.
+    return f"{timing.spread:>4.0%}" + (" noisy" if timing.noisy else "")
+
+
+NOISE_FOOTER = textwrap.fill(
+    f"noisy: p20-p80 wider than {NOISE_THRESHOLD:.0%} of the median (spread = (p80 - p20) / "
+    "median): the samples scattered, so the median, and a speed-up marked '?' (one of its two "
+    "rows is noisy), may not repeat on a rerun. The spread measures the machine as much as the "
+    "kernel: rerun on a quieter machine.", width=100)
+
+
 def kernel_table(rows) -> str:
     header = ["shape", "dtype", "layout", "mode", "provider", "impl", "median ms",
-              "p20-p80 ms", "GB/s", "%copy", "vs cudnn", "vs torch", "note"]
+              "p20-p80 ms", "spread", "GB/s", "%copy", "vs cudnn", "vs torch", "note"]
     lines, previous = [], None
     for row in rows:
         key = (row.shape.label, row.dtype, row.layout, row.mode)
@@ -116,15 +146,16 @@ def kernel_table(rows) -> str:
         shown = ["", "", "", ""] if key == previous else list(key)
         previous = key
         timing = row.timing
-        spread = f"{_ms(timing.p20_ms)}-{_ms(timing.p80_ms)}" if timing else "-"
+        p20_p80 = f"{_ms(timing.p20_ms)}-{_ms(timing.p80_ms)}" if timing else "-"
         note = "" if row.status == "ok" else f"{row.status.upper()}: {row.reason}"
         lines.append([
-            *shown, row.provider, row.impl or "-", _ms(row.median_ms), spread,
+            *shown, row.provider, row.impl or "-", _ms(row.median_ms), p20_p80, _spread(timing),
             _number(row.gbps, ",.1f"), _number(row.pct_copy, ".0f"),
-            _number(row.speedup.get("cudnn"), ".2f") + ("x" if row.speedup.get("cudnn") else ""),
-            _number(row.speedup.get("torch"), ".2f") + ("x" if row.speedup.get("torch") else ""),
-            note])
-    return _format_table(header, lines, right_aligned={6, 7, 8, 9, 10, 11})
+            _speedup(row, "cudnn"), _speedup(row, "torch"), note])
+    table = _format_table(header, lines, right_aligned={6, 7, 9, 10, 11, 12})
+    if any(row.noisy for row in rows):
+        table += "\n\n" + NOISE_FOOTER
+    return table
 
 
 def model_table(rows) -> str:

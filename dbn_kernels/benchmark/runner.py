@@ -4,6 +4,17 @@ For each case the inputs are drawn once (fresh random values per case) and the f
 outputs computed once per family and mode. Each provider is set up, its first call compared with
 the expected outputs, and only a provider that passes is timed; one that fails is reported as
 failed with the error, never timed. A provider that cannot run the case is reported as skipped.
+
+How the checked providers of a case are timed depends on the device:
+
+* on CPU, together, in interleaved rounds (``Timer.time_interleaved``): the machine is shared,
+  and load or frequency drift during the case then hits every provider alike, so the speed-up
+  columns compare like with like;
+* on a GPU, one after another, each set up, checked and timed before the next is built: the
+  device is the benchmark's alone, CUDA events measure device time and the L2 flush resets the
+  cache before every sample, so there is little drift to share out, while holding every
+  provider's modules, graphs and outputs at once would multiply the memory of the largest sweep
+  shapes (512 MiB per tensor) by the number of providers.
 """
 
 from __future__ import annotations
@@ -15,9 +26,9 @@ from typing import Callable, Iterable
 import torch
 
 from .oracle import CaseInputs, compare, expected_outputs, make_inputs
-from .providers import Provider, Unsupported
+from .providers import Call, Provider, Unsupported
 from .shapes import DTYPES, Shape, bytes_moved
-from .timing import Timer, Timing
+from .timing import CallFailed, Timer, Timing
 
 BASELINES = ("cudnn", "torch")
 """The speed-up columns: each row's median against these providers' medians on the same case."""
@@ -41,10 +52,16 @@ class Row:
     checked_output: str = ""
     copy_gbps: float | None = None
     speedup: dict[str, float | None] = field(default_factory=dict)
+    noisy_speedup: dict[str, bool | None] = field(default_factory=dict)
+    """Per baseline: this row or the baseline's row is noisy, so the speed-up is unreliable."""
 
     @property
     def median_ms(self) -> float | None:
         return self.timing.median_ms if self.timing else None
+
+    @property
+    def noisy(self) -> bool:
+        return self.timing is not None and self.timing.noisy
 
     @property
     def gbps(self) -> float | None:
@@ -79,11 +96,16 @@ class Row:
             "p20_ms": timing.p20_ms if timing else None,
             "p80_ms": timing.p80_ms if timing else None,
             "reps": timing.reps if timing else None,
+            "calls_per_sample": timing.calls_per_sample if timing else None,
+            "spread": timing.spread if timing else None,
+            "noisy": self.noisy if timing else None,
             "bytes": self.bytes,
             "gbps": self.gbps,
             "pct_copy": self.pct_copy,
             "speedup_vs_cudnn": self.speedup.get("cudnn"),
             "speedup_vs_torch": self.speedup.get("torch"),
+            "speedup_vs_cudnn_noisy": self.noisy_speedup.get("cudnn"),
+            "speedup_vs_torch_noisy": self.noisy_speedup.get("torch"),
             "max_rel_err": self.max_rel_err,
             "checked_output": self.checked_output,
         }
@@ -94,44 +116,91 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def run_provider(provider: Provider, inputs: CaseInputs, mode: str,
-                 expected: dict[str, torch.Tensor], timer: Timer, copy_gbps: float | None) -> Row:
-    row = Row(provider=provider.name, family=provider.family, shape=inputs.shape,
-              dtype=inputs.dtype_name, layout=inputs.layout, mode=mode, status="failed",
-              bytes=bytes_moved(inputs.shape, inputs.dtype, mode), copy_gbps=copy_gbps)
+def check_provider(provider: Provider, inputs: CaseInputs, mode: str,
+                   expected: dict[str, torch.Tensor], row: Row) -> Call | None:
+    """Sets the provider up and checks its first call: the call to time, or ``None`` with the
+    row marked skipped or failed."""
     try:
         call = provider.setup(inputs, mode)
         outputs = call()
     except Unsupported as exc:
         row.status, row.reason = "skipped", str(exc)
-        return row
+        return None
     except Exception as exc:  # a provider's bug is a result to report, not a crash
         row.reason = f"error before timing: {_one_line(exc)}"
-        return row
+        return None
     check = compare(outputs, expected, inputs.dtype)
     row.max_rel_err, row.checked_output = check.max_rel_err, check.worst
     del outputs
     if not check.ok:
         row.reason = f"wrong result, not timed: {check.message}"
-        return row
+        return None
     try:
         row.impl = provider.implementation(call, inputs.device)
-        row.timing = timer.time(call)
     except Exception as exc:
-        row.reason = f"error while timing: {_one_line(exc)}"
-        return row
-    row.status = "ok"
-    return row
+        row.reason = f"error in the profiled call, not timed: {_one_line(exc)}"
+        return None
+    return call
+
+
+def time_checked(calls: dict[str, Call], rows: dict[str, Row], timer: Timer) -> None:
+    """Times ``calls`` (checked calls, by provider name) interleaved and fills in their rows. A
+    call that raises while timed fails its own row; the others are timed again without it."""
+    calls = dict(calls)
+    while calls:
+        try:
+            timings = timer.time_interleaved(calls)
+        except CallFailed as failure:
+            rows[failure.name].reason = f"error while timing: {_one_line(failure.error)}"
+            del calls[failure.name]
+            continue
+        for name, timing in timings.items():
+            rows[name].timing, rows[name].status = timing, "ok"
+        return
+
+
+def run_case(providers: list[Provider], inputs: CaseInputs, mode: str, timer: Timer,
+             copy_gbps: float | None,
+             progress: Callable[[str], None] | None = None) -> list[Row]:
+    """Every provider's row for one case and mode (see the module docstring for the order)."""
+    rows = {provider.name: Row(provider=provider.name, family=provider.family,
+                               shape=inputs.shape, dtype=inputs.dtype_name, layout=inputs.layout,
+                               mode=mode, status="failed",
+                               bytes=bytes_moved(inputs.shape, inputs.dtype, mode),
+                               copy_gbps=copy_gbps)
+            for provider in providers}
+    groups = [[provider] for provider in providers] if timer.is_cuda else [providers]
+    expected: dict[str, dict[str, torch.Tensor]] = {}
+    for group in groups:
+        calls = {}
+        for provider in group:
+            if progress:
+                progress(f"{inputs.shape.label} {inputs.dtype_name} {inputs.layout} {mode} "
+                         f"{provider.name}")
+            if provider.family not in expected:
+                expected[provider.family] = expected_outputs(inputs, provider.family, mode)
+            call = check_provider(provider, inputs, mode, expected[provider.family],
+                                  rows[provider.name])
+            if call is not None:
+                calls[provider.name] = call
+        time_checked(calls, rows, timer)
+        del calls  # a provider's modules and graphs go before the next group is built
+    return list(rows.values())
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """speed-up = baseline median / row median, on the same case; ``None`` without a baseline."""
-    medians = {(row.case_key, row.provider): row.median_ms for row in rows if row.status == "ok"}
+    """speed-up = baseline median / row median, on the same case; ``None`` without a baseline.
+    A speed-up is marked noisy when either of its two timings is (the baseline's own 1.00x is
+    exact whatever its noise)."""
+    timed = {(row.case_key, row.provider): row for row in rows if row.status == "ok"}
     for row in rows:
         for baseline in BASELINES:
-            base = medians.get((row.case_key, baseline))
-            row.speedup[baseline] = (base / row.median_ms
-                                     if base is not None and row.median_ms else None)
+            base = timed.get((row.case_key, baseline))
+            if base is None or not row.median_ms:
+                row.speedup[baseline] = row.noisy_speedup[baseline] = None
+                continue
+            row.speedup[baseline] = base.median_ms / row.median_ms
+            row.noisy_speedup[baseline] = base is not row and (base.noisy or row.noisy)
 
 
 def run_benchmark(shapes: Iterable[Shape], dtypes: list[str], layouts: list[str],
@@ -146,17 +215,7 @@ def run_benchmark(shapes: Iterable[Shape], dtypes: list[str], layouts: list[str]
                 seed += 1
                 inputs = make_inputs(shape, DTYPES[dtype_name], layout, device, seed)
                 for mode in modes:
-                    expected = {}
-                    for provider in providers:
-                        if progress:
-                            progress(f"{shape.label} {dtype_name} {layout} {mode} "
-                                     f"{provider.name}")
-                        if provider.family not in expected:
-                            expected[provider.family] = expected_outputs(
-                                inputs, provider.family, mode)
-                        rows.append(run_provider(provider, inputs, mode,
-                                                 expected[provider.family], timer, copy_gbps))
-                    del expected
+                    rows += run_case(providers, inputs, mode, timer, copy_gbps, progress)
                 del inputs
                 if device.type == "cuda":
                     # Large cases: hand freed memory back before the next case's inputs.

@@ -1,26 +1,43 @@
-"""Timing one call: warm-up, then the median of many repetitions.
+"""Timing calls: warm-up, then the median of many samples, several providers interleaved.
 
-On CUDA (the standard of the device README's METHOD.md): every repetition is bracketed by a pair
-of CUDA events, and before each one a buffer several times the size of the L2 cache is
-overwritten, so no repetition finds its input in L2 from the last one (the same flush as
-``triton.testing.do_bench``). All repetitions are queued before the host waits once, so the host
+On CUDA (the standard of the device README's METHOD.md): every sample is one call bracketed by a
+pair of CUDA events, and before each one a buffer several times the size of the L2 cache is
+overwritten, so no sample finds its input in L2 from the last one (the same flush as
+``triton.testing.do_bench``). All samples are queued before the host waits once, so the host
 runs ahead of the GPU and the events see the GPU's time, launch gaps included where the host
 cannot keep up (as a user running eagerly would).
 
-On CPU: ``time.perf_counter`` around each call, no cache flush; CPU numbers are for comparing the
-reference with PyTorch's CPU batch norm and for the smoke test, not for judging kernels.
+On CPU: ``time.perf_counter_ns`` around each sample, no cache flush. A call shorter than
+``min_sample_ms`` (0.5 ms) is repeated back to back within one sample, and the sample divided by
+the count, so that every sample is long against the clock's resolution and the timer's own cost
+(thousands of ticks even of a coarse clock), yet short against the scheduler's time slice: on a
+shared machine a sample that spans a preemption carries another process's slice. On a loaded
+2-core machine, samples of 3 ms and more were hit so often that their p20-p80 exceeded 100% of
+the median, while samples up to 1.5 ms stayed near 10%; 0.5 ms keeps every sample under 1 ms.
+CPU numbers are for comparing the reference with PyTorch's CPU batch norm and for the smoke
+test, not for judging kernels.
 
-The number of repetitions follows a time budget per measurement, within [min_reps, max_reps].
+Several calls (the providers of one case) are timed in interleaved rounds: round r takes one
+sample of each call in turn, A, B, C, then round r + 1 does the same. Whatever drifts during the
+measurement (the load from other processes, the clock frequency, the temperature) then hits
+every call alike, and ratios of their medians compare like with like.
+
+The number of rounds follows a time budget per call, within [min_reps, max_reps]. A timing whose
+p20-p80 is wider than ``NOISE_THRESHOLD`` of its median is flagged as noisy.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+
+NOISE_THRESHOLD = 0.10
+"""A timing is noisy when (p80 - p20) / median exceeds this: samples that scatter that widely
+say the machine disturbed the measurement, and its median, or a ratio of it, may not repeat."""
 
 
 def percentile(sorted_samples: list[float], q: float) -> float:
@@ -34,6 +51,8 @@ def percentile(sorted_samples: list[float], q: float) -> float:
 @dataclass
 class Timing:
     samples_ms: list[float]
+    """Time per call of every sample, sorted."""
+    calls_per_sample: int = 1
 
     def __post_init__(self):
         self.samples_ms = sorted(self.samples_ms)
@@ -54,27 +73,54 @@ class Timing:
     def p80_ms(self) -> float:
         return percentile(self.samples_ms, 0.8)
 
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: how widely the middle 60% of the samples scatter."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISE_THRESHOLD
+
 
 @dataclass
 class TimerSettings:
     warmup_ms: float
+    """Warm-up time per call; when several calls are interleaved, each gets this much."""
     budget_ms: float
+    """Measurement time per call, which sets the number of samples within [min_reps, max_reps]."""
     min_reps: int
     max_reps: int
     min_warmup_calls: int = 3
+    min_sample_ms: float = 0.0
+    """CPU only: shorter calls are repeated within one sample until it lasts this long (on a GPU
+    each sample is one call, after its own cache flush)."""
 
 
 GPU_SETTINGS = TimerSettings(warmup_ms=25.0, budget_ms=150.0, min_reps=10, max_reps=1000)
-CPU_SETTINGS = TimerSettings(warmup_ms=5.0, budget_ms=20.0, min_reps=5, max_reps=200)
+CPU_SETTINGS = TimerSettings(warmup_ms=10.0, budget_ms=50.0, min_reps=10, max_reps=400,
+                             min_sample_ms=0.5)
+
+
+class CallFailed(Exception):
+    """A call raised while warmed up or timed: ``name`` says which, ``error`` is what it raised."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        super().__init__(f"{name}: {error}")
+        self.name, self.error = name, error
 
 
 class Timer:
     """Times zero-argument callables on one device."""
 
-    def __init__(self, device: torch.device, settings: TimerSettings | None = None) -> None:
+    def __init__(self, device: torch.device, settings: TimerSettings | None = None,
+                 clock: Callable[[], int] = time.perf_counter_ns) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.settings = settings or (GPU_SETTINGS if self.is_cuda else CPU_SETTINGS)
+        # A copy: callers adjust a timer's settings (--budget-ms) without changing the defaults.
+        self.settings = replace(settings or (GPU_SETTINGS if self.is_cuda else CPU_SETTINGS))
+        self.clock = clock
+        """Host clock in ns: CPU samples and the warm-up's length (the tests pass a fake one)."""
         self.flush_buffer = None
         if self.is_cuda:
             l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
@@ -83,52 +129,106 @@ class Timer:
 
     @property
     def method(self) -> str:
+        settings = self.settings
+        tail = (f"median of >= {settings.min_reps} samples after >= {settings.warmup_ms:g} ms "
+                f"warm-up; noisy when (p80 - p20) / median > {NOISE_THRESHOLD:.0%}")
         if self.is_cuda:
             return (f"CUDA events, {self.flush_buffer.numel() // 2 ** 20} MiB L2 flush before "
-                    f"each rep, median of >= {self.settings.min_reps} reps after "
-                    f">= {self.settings.warmup_ms:g} ms warm-up")
-        return (f"time.perf_counter, no cache flush, median of >= {self.settings.min_reps} reps "
-                f"after >= {self.settings.warmup_ms:g} ms warm-up")
+                    f"each sample, {tail}")
+        return ("time.perf_counter_ns, a case's providers interleaved round by round, calls "
+                f"under {settings.min_sample_ms:g} ms repeated within a sample (time per call "
+                f"reported), no cache flush, {tail}")
 
     def sync(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
     def time(self, fn: Callable[[], object]) -> Timing:
-        settings = self.settings
-        # Warm-up: module loading, compilation, autotuning and allocator growth stay out.
-        start = time.perf_counter()
-        calls = 0
-        while (calls < settings.min_warmup_calls
-               or (time.perf_counter() - start) * 1e3 < settings.warmup_ms):
-            fn()
-            calls += 1
-            if calls % 8 == 0:
-                self.sync()  # keep the queue short so the wall clock tracks the GPU
-        self.sync()
-        reps = settings.min_reps
-        if settings.max_reps > settings.min_reps:
-            per_call = max(sorted(self._samples(fn, 3))[1], 1e-4)
-            reps = int(min(settings.max_reps, max(reps, settings.budget_ms / per_call)))
-        return Timing(self._samples(fn, reps))
+        try:
+            return self.time_interleaved({"call": fn})["call"]
+        except CallFailed as failure:
+            raise failure.error from None
 
-    def _samples(self, fn: Callable[[], object], reps: int) -> list[float]:
-        if not self.is_cuda:
-            samples = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - start) * 1e3)
-            return samples
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for start, end in zip(starts, ends):
-            self.flush_buffer.zero_()
-            start.record()
-            fn()
-            end.record()
-        self.sync()
-        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    def time_interleaved(self, calls: dict[str, Callable[[], object]]) -> dict[str, Timing]:
+        """Times every call of ``calls`` in interleaved rounds (see the module docstring); the
+        same number of samples for each. A call that raises stops the measurement with
+        ``CallFailed`` naming it."""
+        if not calls:
+            return {}
+        settings = self.settings
+        self._warm_up(calls)
+        single = {name: 1 for name in calls}
+        per_call_ms = {name: max(percentile(sorted(samples), 0.5), 1e-4)
+                       for name, samples in self._rounds(calls, single, 3).items()}
+        calls_per_sample = single
+        if not self.is_cuda and settings.min_sample_ms > 0:
+            calls_per_sample = {name: max(1, math.ceil(settings.min_sample_ms / ms))
+                                for name, ms in per_call_ms.items()}
+        rounds = settings.min_reps
+        if settings.max_reps > settings.min_reps:
+            # budget_ms for each call: as many rounds as fit in len(calls) budgets.
+            round_ms = sum(per_call_ms[name] * calls_per_sample[name] for name in calls)
+            rounds = int(min(settings.max_reps,
+                             max(rounds, len(calls) * settings.budget_ms / round_ms)))
+        samples = self._rounds(calls, calls_per_sample, rounds)
+        return {name: Timing(samples[name], calls_per_sample[name]) for name in calls}
+
+    def _warm_up(self, calls: dict[str, Callable[[], object]]) -> None:
+        """Module loading, compilation, autotuning and allocator growth stay out of the samples."""
+        settings = self.settings
+        start, rounds, name = self.clock(), 0, ""
+        try:
+            while (rounds < settings.min_warmup_calls
+                   or (self.clock() - start) / 1e6 < settings.warmup_ms * len(calls)):
+                for name, fn in calls.items():
+                    fn()
+                rounds += 1
+                if rounds % 8 == 0:
+                    self.sync()  # keep the queue short so the wall clock tracks the GPU
+            self.sync()
+        except Exception as exc:
+            raise CallFailed(name, exc) from exc
+
+    def _rounds(self, calls: dict[str, Callable[[], object]], calls_per_sample: dict[str, int],
+                rounds: int) -> dict[str, list[float]]:
+        """``rounds`` interleaved rounds, one sample of each call per round: ms per call."""
+        if self.is_cuda:
+            return self._cuda_rounds(calls, rounds)
+        clock, samples, name = self.clock, {name: [] for name in calls}, ""
+        try:
+            for _ in range(rounds):
+                for name, fn in calls.items():
+                    repeat = calls_per_sample[name]
+                    start = clock()
+                    for _ in range(repeat):
+                        fn()
+                    samples[name].append((clock() - start) / repeat / 1e6)
+        except Exception as exc:
+            raise CallFailed(name, exc) from exc
+        return samples
+
+    def _cuda_rounds(self, calls: dict[str, Callable[[], object]],
+                     rounds: int) -> dict[str, list[float]]:
+        """Every sample queued (flush, start event, call, end event) before one synchronisation.
+        An error the device reports at that synchronisation is charged to the last call queued
+        (exact when one call is timed at a time, as the runner does on a GPU)."""
+        events = {name: [(torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+                  for name in calls}
+        name = ""
+        try:
+            for index in range(rounds):
+                for name, fn in calls.items():
+                    start, end = events[name][index]
+                    self.flush_buffer.zero_()
+                    start.record()
+                    fn()
+                    end.record()
+            self.sync()
+        except Exception as exc:
+            raise CallFailed(name, exc) from exc
+        return {name: [start.elapsed_time(end) for start, end in pairs]
+                for name, pairs in events.items()}
 
 
 @dataclass
