@@ -150,7 +150,7 @@ struct FinalizeBackwardArgs {
   bool input_grad = false;
   float* grad_weight = nullptr;
   float* grad_bias = nullptr;
-  float* coef_a = nullptr;      // dx = A*dy + B*(x - m_B) + C (SPEC's A*dy + B*x + C, centered)
+  float* coef_a = nullptr;      // dx = A*dy + B*(x - m_B) + C (A*dy + B*x + C, centered)
   float* coef_b = nullptr;
   float* coef_c = nullptr;
 };

@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) finalize_train_kernel(FinalizeTrainA
   warp_reduce<WelfordOp>(st);
   if (lane != 0) return;
 
-  // SPEC section 2, mirroring reference.train_forward operation by operation.
+  // The DBN step, mirroring reference.train_forward operation by operation.
   const float batch_mean = st[0];
   const float batch_var = st[1] / a.M;  // biased
   const float batch_std = sqrtf(batch_var + a.eps);
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) finalize_backward_kernel(FinalizeBac
   warp_reduce<GradSumOp>(st);
   if (lane != 0) return;
 
-  // SPEC section 2 as reference.backward computes it, with C's -B * m_B term moved into the
+  // The DBN backward as reference.backward computes it, with C's -B * m_B term moved into the
   // element-wise pass as B * (x - m_B).
   const float invstd = a.invstd[c];
   const float sum_dy = st[0];

@@ -19,39 +19,46 @@ def check_rank(x: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
         raise ValueError(f"expected {what} input (got {x.dim()}D input)")
 
 
+def _per_channel_error(name: str, t: torch.Tensor, C: int, x: torch.Tensor) -> Exception:
+    """What is wrong with a per-channel tensor that failed the combined test in check_call."""
+    if t.numel() != C:
+        return RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    if t.device != x.device:
+        return RuntimeError(f"{name} is on {t.device} but the input is on {x.device}")
+    if not t.is_floating_point():
+        return RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return RuntimeError(
+        f"{name} has dtype {t.dtype}; with {x.dtype} input it must be float32 or {x.dtype}")
+
+
 def check_call(x, *, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                num_batches_tracked, training, momentum, eps, needs_counter) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, *), got {x.dim()}D input")
-    if x.dtype not in INPUT_DTYPES:
+    dtype = x.dtype
+    if dtype not in INPUT_DTYPES:
         raise RuntimeError(
-            f"input dtype {x.dtype} is not supported; expected one of "
+            f"input dtype {dtype} is not supported; expected one of "
             + ", ".join(str(d) for d in INPUT_DTYPES))
-    C = x.shape[1]
-    # PyTorch's order, so the first complaint is the one PyTorch would make.
-    per_channel = (("running_mean", running_mean), ("running_var", running_var),
-                   ("weight", weight), ("bias", bias), ("dbn_mean", dbn_mean), ("dbn_std", dbn_std))
-    for name, t in per_channel:
-        if t is None:
-            continue
-        if t.numel() != C:
-            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-        if t.device != x.device:
-            raise RuntimeError(f"{name} is on {t.device} but the input is on {x.device}")
-        if not t.is_floating_point():
-            raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype not in (torch.float32, x.dtype):
-            raise RuntimeError(
-                f"{name} has dtype {t.dtype}; with {x.dtype} input it must be float32 or {x.dtype}")
+    C, device = x.shape[1], x.device
+    # PyTorch's order, so the first complaint is the one PyTorch would make. Every call runs
+    # this, so the common case is one combined test per tensor (float32 or the input's dtype
+    # implies floating point); the message is worked out only on failure.
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias), ("dbn_mean", dbn_mean),
+                    ("dbn_std", dbn_std)):
+        if t is not None and (t.numel() != C or t.device != device
+                              or (t.dtype != torch.float32 and t.dtype != dtype)):
+            raise _per_channel_error(name, t, C, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if (dbn_mean is None) != (dbn_std is None):
         raise ValueError("dbn_mean and dbn_std must be given together")
-    if num_batches_tracked is not None and num_batches_tracked.device != x.device:
+    if num_batches_tracked is not None and num_batches_tracked.device != device:
         raise RuntimeError(
-            f"num_batches_tracked is on {num_batches_tracked.device} but the input is on {x.device}")
+            f"num_batches_tracked is on {num_batches_tracked.device} but the input is on {device}")
     if training and needs_counter and num_batches_tracked is None:
         raise ValueError("num_batches_tracked is required to count steps (DBN statistics or "
                          "momentum=None)")

@@ -13,6 +13,35 @@ from torch.autograd.function import once_differentiable
 from .ops import op
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when ``t`` already has it (the usual case)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+_NO_GRADS = (None,) * 12  # for the arguments after (x, weight, bias)
+
+
+def _backward(ctx, grad_y):
+    x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = op(ctx.backend, "backward")(
+        grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+        ctx.grad_through_stats, need_x)
+    return (
+        grad_x if need_x else None,
+        _as(grad_w, weight.dtype) if need_w else None,
+        _as(grad_b, ctx.bias_dtype) if need_b else None,
+        *_NO_GRADS,
+    )
+
+
+# The backward ops have no derivative of their own: under create_graph=True the gradients must
+# refuse a second differentiation, which once_differentiable arranges (running the function under
+# no_grad). In an ordinary backward grad mode is already off, the wrapper would change nothing,
+# and its context manager costs a few microseconds a call, so it is entered only when needed.
+_backward_once_differentiable = once_differentiable(_backward)
+
+
 class DiminishingBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
@@ -40,16 +69,7 @@ class DiminishingBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y):
-        x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_w, grad_b = op(ctx.backend, "backward")(
-            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-            ctx.grad_through_stats, need_x)
-        return (
-            grad_x if need_x else None,
-            grad_w.to(weight.dtype) if need_w else None,
-            grad_b.to(ctx.bias_dtype) if need_b else None,
-            *([None] * 12),
-        )
+        if torch.is_grad_enabled():  # create_graph=True
+            return _backward_once_differentiable(ctx, grad_y)
+        return _backward(ctx, grad_y)

@@ -71,17 +71,39 @@ def validate_name(backend: str) -> str:
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The backend a call with ``backend=`` on ``device`` runs, or ``RuntimeError`` saying why not."""
+    """The backend a call with ``backend=`` on ``device`` runs, or ``RuntimeError`` saying why not.
+
+    ``DBN_BACKEND`` is read on every call with ``"auto"``, so a change between calls is honoured
+    (the read costs under a microsecond); the rest of the answer is looked up."""
+    env = os.environ.get(ENV_VAR) if backend == "auto" else None
+    if torch.compiler.is_compiling():
+        # Resolved once while tracing; reading the cache there would make the compiled graph
+        # guard on its contents, and recompile whenever an eager call adds an entry.
+        return _resolve(backend, env, device.type)
+    key = (backend, env, device.type)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(*key)
+    return name
+
+
+_RESOLVED: dict[tuple[str, str | None, str], str] = {}
+"""(backend, DBN_BACKEND, device type) -> backend name. Valid for the life of the process: the
+answer depends only on the key and on ``unavailable_reason``, itself cached. Failures raise and
+are not stored."""
+
+
+def _resolve(backend: str, env: str | None, device_type: str) -> str:
     validate_name(backend)
+    if backend == "auto" and env:
+        if env != "auto" and env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be 'auto' or one of {BACKENDS}, got {env!r}")
+        backend = env
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"{ENV_VAR} must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type != "cuda":
+        if device_type != "cuda":
             return "reference"
-        return next(b for b in BACKENDS if unavailable_reason(b, device.type) is None)
-    reason = unavailable_reason(backend, device.type)
+        return next(b for b in BACKENDS if unavailable_reason(b, device_type) is None)
+    reason = unavailable_reason(backend, device_type)
     if reason is not None:
         raise RuntimeError(f"dbn_kernels backend {backend!r} cannot run here: {reason}")
     return backend

@@ -72,7 +72,7 @@ def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std:
                            eps: float = 1e-5, *, eval_stats: str = "dbn",
                            grad_through_stats: bool = True,
                            backend: str = "auto") -> torch.Tensor:
-    """Diminishing batch norm (SPEC §2): normalise with the a_k-weighted average of the batch
+    """Diminishing batch norm (Ma & Klabjan, Algorithm 1): normalise with the a_k-weighted average of the batch
     mean and standard deviation, kept in ``dbn_mean``/``dbn_std`` and updated in training.
     PyTorch's ``running_mean``/``running_var`` are updated alongside when given."""
     if eval_stats not in EVAL_STATS:

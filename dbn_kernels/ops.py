@@ -5,7 +5,7 @@ Every backend ``B`` provides
 * ``dbn::B_train_forward``  one training step: batch statistics, a_k from the device counter,
   every buffer update, the normalised output and the tensors backward needs;
 * ``dbn::B_eval_forward``   one element-wise pass with stored statistics;
-* ``dbn::B_backward``       the analytic backward of SPEC §2 (two reductions, one element-wise pass).
+* ``dbn::B_backward``       the analytic DBN backward (two reductions, one element-wise pass).
 
 The schemas below are the single source of truth: the reference and Triton backends are defined
 from them here, the CUDA extension defines the same schemas in C++ and a test checks they agree.

@@ -1,4 +1,4 @@
-"""Step-size schedules a_k for the DBN running average (SPEC §2).
+"""Step-size schedules a_k for the DBN running average.
 
 A schedule is three floats, ``a_k = min(1, scale / (k + offset) ** power)``, so every backend can
 evaluate it on the device from ``num_batches_tracked`` without a host round trip: the layers stay

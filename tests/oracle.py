@@ -1,4 +1,4 @@
-"""An independent model of SPEC §2, written with plain autograd-tracked torch ops in float64.
+"""An independent model of the DBN step (README, "What DBN is"), written with plain autograd-tracked torch ops in float64.
 
 It shares no code with the package: the statistics are written out by hand, the schedule is
 evaluated from its formula, and gradients come from autograd, not from the analytic backward.

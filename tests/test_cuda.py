@@ -11,7 +11,7 @@ Two runners execute the same op-level checks:
 GPU-only tests at the end: the modules with ``backend="cuda"``, ``torch.compile(fullgraph=True)``,
 CUDA-graph capture and replay, and 64-bit indexing on a tensor of more than 2^31 elements.
 
-Tolerances (SPEC §6): float32 ~1e-5 relative (to the largest magnitude of the quantity); float16 and
+Tolerances: float32 ~1e-5 relative (to the largest magnitude of the quantity); float16 and
 bfloat16 outputs no worse than 2x PyTorch's own batch norm at that dtype against the same float64
 reference; statistics and gradient sums (float32 in every case) ~1e-5 relative.
 """

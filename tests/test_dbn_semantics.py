@@ -1,4 +1,4 @@
-"""The layers against the independent oracle of SPEC §2, over many steps and every schedule kind."""
+"""The layers against the independent oracle of the DBN step (tests/oracle.py), over many steps and every schedule kind."""
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ so the interpreter stays fast; a few tests shrink the tiles to force many splits
 steps. Every float allocation of the backend is poisoned with NaN, so an output element (or a
 partial) that a kernel forgets to write shows up as a mismatch.
 
-Tolerances (SPEC §6): float32 about 1e-5 relative; float16/bfloat16 no worse than twice the error
+Tolerances: float32 about 1e-5 relative; float16/bfloat16 no worse than twice the error
 of PyTorch's own computation at that dtype, both measured against the float64 reference.
 """
 

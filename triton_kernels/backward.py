@@ -1,4 +1,4 @@
-"""Backward kernels and their launcher (SPEC §2):
+"""Backward kernels and their launcher:
 
     dx = gamma / sig_k * (dy - a_g * sum(dy) / M - a_g * xhat_B * sum(dy * xhat) / M)
        = A * dy + B * (x - m_B) + C'     per channel, a_g = a_k (or 0: grad_through_stats=False)

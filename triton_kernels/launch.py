@@ -10,6 +10,11 @@ Every heuristic lives here, in plain Python, so that tuning on a GPU means editi
 * how many splits of M the reductions use, so that a small C still fills the GPU.
 
 The contiguous dimension of memory is always the last (vectorised) dimension of a tile.
+
+On a small layer the host work of a call decides its speed, so each plan, and an input's
+geometry, is computed once and cached: all are pure functions of their arguments (a geometry of
+the shape and strides, a plan of the geometry, the element size, the device's program target and
+the ``TUNING`` in force, which is part of every key so that changing it takes effect).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 
 import torch
@@ -76,12 +82,30 @@ class Geometry:
 
 def geometry(x: torch.Tensor) -> Geometry | None:
     """The (N, C, S) view of ``x`` if its memory is dense in one of the two supported orders."""
-    N, C = x.shape[0], x.shape[1]
-    S = 1
-    for d in x.shape[2:]:
-        S *= d
-    spatial_inner = x.is_contiguous()
-    channel_inner = x.movedim(1, -1).is_contiguous()
+    return _geometry(tuple(x.shape), x.stride())
+
+
+def _row_major(shape, strides) -> bool:
+    """``Tensor.is_contiguous()`` from shape and strides: dense row-major memory, where the
+    strides of size-1 dimensions do not matter and an empty tensor is always contiguous."""
+    if 0 in shape:
+        return True
+    expected = 1
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(shape: tuple[int, ...], strides: tuple[int, ...]) -> Geometry | None:
+    N, C = shape[0], shape[1]
+    S = math.prod(shape[2:])
+    spatial_inner = _row_major(shape, strides)
+    # channels moved innermost: memory (N, *S, C)
+    channel_inner = _row_major((N, *shape[2:], C), (strides[0], *strides[2:], strides[1]))
     if channel_inner and (S == 1 or not spatial_inner):
         return Geometry(N, C, S, True)
     if spatial_inner:
@@ -157,9 +181,9 @@ class Tuning:
 TUNING = Tuning()
 
 
-def _warps(tile: int) -> int:
+def _warps(tile: int, t: Tuning) -> int:
     """One warp per 256 values, between 1 and ``max_warps``."""
-    return max(1, min(TUNING.max_warps, _pow2(tile) // 256))
+    return max(1, min(t.max_warps, _pow2(tile) // 256))
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,7 +226,11 @@ class ReducePlan:
 
 
 def reduce_plan(geo: Geometry, elem_size: int, device: torch.device) -> ReducePlan:
-    t = TUNING
+    return _reduce_plan(geo, elem_size, target_programs(device), TUNING)
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduce_plan(geo: Geometry, elem_size: int, programs: int, t: Tuning) -> ReducePlan:
     if geo.channels_last:
         block_c = min(_pow2(geo.C), max(1, t.reduce_row_bytes // elem_size))
         block_r = max(1, min(_pow2(geo.M), t.reduce_tile // block_c))
@@ -220,13 +248,13 @@ def reduce_plan(geo: Geometry, elem_size: int, device: torch.device) -> ReducePl
         tiles = geo.N * s_blocks
         full_tiles = tiles if geo.S % block_r == 0 else 0
     c_blocks = _cdiv(geo.C, block_c)
-    splits_wanted = max(1, target_programs(device) // c_blocks)
+    splits_wanted = max(1, programs // c_blocks)
     tiles_per_split = _cdiv(tiles, min(tiles, splits_wanted))
     splits = _cdiv(tiles, tiles_per_split)
     return ReducePlan(block_c=block_c, block_r=block_r, c_blocks=c_blocks, s_blocks=s_blocks,
                       tiles=tiles, full_tiles=full_tiles, tiles_per_split=tiles_per_split,
                       splits=splits,
-                      num_warps=_warps(block_c * block_r))
+                      num_warps=_warps(block_c * block_r, t))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +279,11 @@ class ElementwisePlan:
 
 
 def elementwise_plan(geo: Geometry, elem_size: int) -> ElementwisePlan:
-    t = TUNING
+    return _elementwise_plan(geo, elem_size, TUNING)
+
+
+@functools.lru_cache(maxsize=1024)
+def _elementwise_plan(geo: Geometry, elem_size: int, t: Tuning) -> ElementwisePlan:
     tile = max(1, t.elementwise_tile_bytes // elem_size)
     if geo.align * elem_size < 16:
         # Rows that do not start on 16-byte boundaries (7x7 planes, odd C) load one value per
@@ -268,7 +300,7 @@ def elementwise_plan(geo: Geometry, elem_size: int) -> ElementwisePlan:
     b_blocks = _cdiv(extent_b, block_b)
     programs = _cdiv(extent_a, block_a) * b_blocks
     return ElementwisePlan(extent_a=extent_a, block_a=block_a, block_b=block_b, b_blocks=b_blocks,
-                           programs=programs, num_warps=_warps(block_a * block_b))
+                           programs=programs, num_warps=_warps(block_a * block_b, t))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,13 +318,17 @@ class FinalizePlan:
 
 
 def finalize_plan(C: int, splits: int) -> FinalizePlan:
-    t = TUNING
+    return _finalize_plan(C, splits, TUNING)
+
+
+@functools.lru_cache(maxsize=1024)
+def _finalize_plan(C: int, splits: int, t: Tuning) -> FinalizePlan:
     block_split = min(_pow2(splits), t.finalize_max_splits)
     # Narrow channel blocks when there are many splits: the finalize is latency bound, so
     # several programs each reading a slice beat one program reading everything.
     block_c = max(1, min(_pow2(C), t.finalize_tile // block_split))
     return FinalizePlan(block_c=block_c, block_split=block_split, programs=_cdiv(C, block_c),
-                        num_warps=_warps(block_c * block_split))
+                        num_warps=_warps(block_c * block_split, t))
 
 
 def device_guard(x: torch.Tensor):

@@ -8,16 +8,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from . import environment, report
 from .providers import provider_names, select
-from .shapes import DTYPES, LAYOUTS, MODES, SUITES, suite_shapes
+from .shapes import DTYPES, LAYOUTS, MODES, SUITES, select_shapes, shape_list
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
 """1: some row failed its check or errored (or nothing could be timed); 2: bad arguments."""
+
+CPU_DEFAULT_THREADS = 1
+"""PyTorch threads on CPU unless --threads says otherwise (see --help)."""
 
 
 def _comma_list(values: list[str] | None) -> list[str] | None:
@@ -55,21 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=None,
                         help="N of every shape (resnet50 suite default 64; sweep: keep only this "
                              "N; --model default 64 on a GPU, 2 on CPU)")
+    parser.add_argument("--shapes", type=shape_list, metavar="NxCxHxW[,...]", default=None,
+                        help="time exactly these shapes instead of the suite's (a shape the "
+                             "suite has keeps its layer count); kernel suites only")
     parser.add_argument("--image-size", type=int, default=224,
                         help="input resolution for --model")
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
     parser.add_argument("--budget-ms", type=float, default=None,
                         help="time spent repeating each measurement (default 150 on a GPU, "
-                             "20 on CPU)")
+                             "50 on CPU)")
     parser.add_argument("--json", metavar="PATH", help="write rows and environment as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write rows and environment as CSV")
     parser.add_argument("--plot", metavar="PATH",
                         help="write a PNG of GB/s per shape and provider (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's "
-                             "choice). 1 keeps CPU timings steady on a machine shared with "
-                             "other work")
+                        help="CPU threads for PyTorch (torch.set_num_threads). Default on CPU: "
+                             f"{CPU_DEFAULT_THREADS}, because PyTorch's multi-threaded CPU kernels "
+                             "wait at the end of every parallel loop for their slowest thread: "
+                             "when another process holds a core, each call then waits whole "
+                             "scheduler time slices (milliseconds) and the times measure the "
+                             "machine's load, not the kernel. Default on a GPU: PyTorch's choice "
+                             "(host threads do not run the kernels)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -126,9 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as exc:
         print(f"dbn-bench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # The process is not also pinned to a core (os.sched_setaffinity): on a shared 2-core machine
+    # that changed neither medians nor spreads measurably, and a pinned process cannot move off
+    # a core another process is holding.
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+        args.threads_set_by = "--threads"  # recorded in the environment by _meta
+    elif device.type == "cpu":
+        torch.set_num_threads(CPU_DEFAULT_THREADS)
+        args.threads_set_by = f"dbn-bench's default on CPU ({CPU_DEFAULT_THREADS})"
+    else:
+        args.threads_set_by = "PyTorch's default"
     try:
         if args.model:
             return _main_model(args, device, dtypes, selection, requested)
@@ -137,10 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)  # main() may run inside another program (the tests)
 
 
-def _meta(what: str, device: torch.device, selection, timing_method: str, **extra) -> dict:
+def _meta(what: str, device: torch.device, selection, timing_method: str, *,
+          threads_set_by: str, **extra) -> dict:
+    env = environment.collect(device)  # cpu_threads: what main() set
+    # How loaded the machine was, beside the thread count: on a shared CPU it decides how noisy
+    # the numbers are.
+    env.update(cpu_threads_set_by=threads_set_by,
+               cpus_usable=(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                            else os.cpu_count()),
+               load_average_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     return {
         "what": what,
-        "environment": environment.collect(device),
+        "environment": env,
         "timing_method": timing_method,
         "skipped_providers": [{"provider": name, "reason": reason}
                               for name, reason in selection.skipped],
@@ -167,18 +195,19 @@ def _write_outputs(args, meta: dict, rows, *, plot: bool) -> None:
 
 def _main_kernels(args, device, dtypes, modes, selection) -> int:
     from .runner import run_benchmark
-    from .timing import Timer, copy_bandwidth
+    from .timing import NOISE_THRESHOLD, Timer, copy_bandwidth
 
     dtypes = dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     layouts = list(LAYOUTS) if args.layout in (None, "both") else [args.layout]
     modes = modes or list(MODES)
-    shapes = suite_shapes(args.suite, args.batch)
+    shapes = select_shapes(args.suite, args.batch, args.shapes)
 
     timer = Timer(device)
     if args.budget_ms is not None:
         timer.settings.budget_ms = args.budget_ms
     bandwidth = copy_bandwidth(timer)
     meta = _meta(f"suite={args.suite}", device, selection, timer.method,
+                 threads_set_by=args.threads_set_by, noise_threshold=NOISE_THRESHOLD,
                  suite=args.suite, dtypes=dtypes, layouts=layouts, modes=modes,
                  copy_bandwidth={"gbps": bandwidth.gbps, "bytes": bandwidth.nbytes,
                                  "median_ms": bandwidth.timing.median_ms,
@@ -225,8 +254,9 @@ def _main_model(args, device, dtypes, selection, requested) -> int:
     meta = _meta(f"model={args.model}", device, selection,
                  "training step (zero_grad, forward, loss, backward, SGD step) timed as a whole, "
                  + ("CUDA events, median after warm-up" if on_gpu else
-                    "time.perf_counter, median of 3 steps after 1 warm-up step"),
-                 model=args.model, batch=batch, image_size=args.image_size)
+                    "time.perf_counter_ns, median of 3 steps after 1 warm-up step"),
+                 threads_set_by=args.threads_set_by, model=args.model, batch=batch,
+                 image_size=args.image_size)
     print(report.header_text(meta), flush=True)
     total = len(dtypes) * len(layouts) * len(variants)
     progress = report.Progress(total, enabled=False if args.no_progress else None)

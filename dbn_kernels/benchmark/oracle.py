@@ -3,7 +3,7 @@
 A case is a shape, a dtype and a layout. Its inputs are random (never zeros, which hide unwritten
 outputs and can run faster than real data) with a different mean and spread per channel. The
 expected outputs come from the project's reference backend run in float64 on the very values the
-providers see (the input rounded to its dtype, then widened), which SPEC §6 names as the oracle.
+providers see (the input rounded to its dtype, then widened), the project's oracle.
 
 Both families start from the same state: the plain batch-norm ("bn") providers use the running
 statistics; the Diminishing ("dbn") providers also start from averaged statistics and a step
@@ -31,7 +31,7 @@ FAMILIES = ("bn", "dbn")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 """Largest ‖out - ref‖ / ‖ref‖ accepted before a provider is timed: a gate against wrong results
 (float32 rounding lands near 1e-7, bf16 and fp16 rounding of the output near 2e-3 and 3e-4); the
-test suite holds the project's kernels to SPEC §6's tighter bounds."""
+test suite holds the project's kernels to tighter bounds."""
 
 
 @dataclass

@@ -102,7 +102,7 @@ def header_text(meta: dict) -> str:
     if meta.get("copy_bandwidth"):
         lines.append(f"device copy bandwidth: {meta['copy_bandwidth']['description']}")
     if meta.get("byte_model"):
-        lines.append("GB/s = SPEC §5 floor bytes / median time, x-sized tensors moved per call: "
+        lines.append("GB/s = floor bytes / median time, x-sized tensors moved per call: "
                      + ", ".join(f"{mode} {rw}" for mode, rw in meta["byte_model"].items()))
     for note in meta.get("notes", []):
         lines.append(f"note: {note}")
@@ -244,7 +244,7 @@ def write_plot(path: str, meta: dict, rows) -> None:
                 ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1,
                            label="device copy")
             ax.set_title(f"{mode}  {dtype}  {layout}", fontsize=9)
-            ax.set_ylabel("GB/s (SPEC §5 bytes)", fontsize=8)
+            ax.set_ylabel("GB/s (floor bytes)", fontsize=8)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.set_xticks(range(len(shapes)))

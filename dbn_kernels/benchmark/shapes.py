@@ -1,4 +1,4 @@
-"""What is benchmarked: the shape suites, the modes, and SPEC §5's byte model.
+"""What is benchmarked: the shape suites, the modes, and the byte model.
 
 Every GB/s figure of the benchmark comes from ``bytes_moved`` below, so the byte model lives here
 once. It counts the *floor* traffic of the fused design, in units of the x-sized tensor:
@@ -17,6 +17,7 @@ of their times.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from collections import Counter
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class Shape:
 
 
 def bytes_moved(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """SPEC §5's floor traffic of one call in ``mode`` (see the module docstring)."""
+    """The floor traffic of one call in ``mode`` (see the module docstring)."""
     reads, writes = MODES[mode]
     element_size = torch.empty((), dtype=dtype).element_size()
     return (reads + writes) * shape.numel * element_size
@@ -122,3 +123,37 @@ def suite_shapes(suite: str, batch: int | None = None) -> list[Shape]:
                 itertools.product(batches, SWEEP_CHANNELS, SWEEP_SPATIAL)]
         return sorted((s for s in grid if s.numel <= SWEEP_MAX_NUMEL), key=lambda s: s.numel)
     raise ValueError(f"unknown suite {suite!r}; choose one of {SUITES}")
+
+
+def shape_list(text: str) -> list[tuple[int, int, int, int]]:
+    """``"64x256x56x56,64x64x112x112"`` -> [(64, 256, 56, 56), (64, 64, 112, 112)].
+
+    The ``type`` of dbn-bench's ``--shapes``: a malformed entry is a usage error naming it.
+    """
+    dims_list = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            dims = tuple(int(d) for d in entry.lower().split("x"))
+        except ValueError:
+            dims = ()
+        if len(dims) != 4 or min(dims) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{entry!r} is not NxCxHxW (four positive integers joined by 'x')")
+        dims_list.append(dims)
+    if not dims_list:
+        raise argparse.ArgumentTypeError("no shape given")
+    return dims_list
+
+
+def select_shapes(suite: str, batch: int | None = None,
+                  only: list[tuple[int, int, int, int]] | None = None) -> list[Shape]:
+    """The suite's shapes or, given ``only``, exactly those, in that order.
+
+    A shape of ``only`` that the suite also has keeps its layer count, so a subset of the ResNet-50
+    suite still says how many layers each shape stands for; any other shape counts once.
+    """
+    shapes = suite_shapes(suite, batch)
+    if only is None:
+        return shapes
+    counts = {shape.dims: shape.count for shape in shapes}
+    return [Shape(dims, counts.get(dims, 1)) for dims in dict.fromkeys(only)]
