@@ -40,8 +40,11 @@ SUM_RTOL = 2e-5  # float32 sums over M values (dgamma, dbeta): a few ulp more th
 # ---- runners ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def emulation():
-    """Build csrc/emulation/emulate.cpp (host compiler, cached in torch's extensions dir)."""
+def emulation(tmp_path_factory):
+    """Build csrc/emulation/emulate.cpp with the host compiler, once per test session.
+
+    Into a private directory: torch's shared extensions directory is guarded by a lock file that
+    a run killed mid-build leaves behind, and every later run would wait on it forever."""
     from torch.utils import cpp_extension
 
     try:
@@ -49,6 +52,7 @@ def emulation():
             name="dbn_kernels_emulation",
             sources=[str(ROOT / "csrc" / "emulation" / "emulate.cpp")],
             extra_cflags=["-DDBN_EMULATION", "-O2", "-Wno-unknown-pragmas"],
+            build_directory=str(tmp_path_factory.mktemp("emulation_build")),
             is_python_module=False, verbose=False)
     except (OSError, FileNotFoundError) as exc:  # no host compiler: nothing to emulate with
         pytest.skip(f"cannot build the CPU emulation: {exc}")
