@@ -24,7 +24,7 @@ CPU_DEFAULT_THREADS = 1
 """PyTorch threads on CPU unless --threads says otherwise (see --help)."""
 
 
-def _comma_list(values: list[str] | None) -> list[str] | None:
+def comma_list(values: list[str] | None) -> list[str] | None:
     """``--x a,b c`` -> [a, b, c]; both spellings are accepted."""
     if values is None:
         return None
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = _device(args.device)
-        dtypes = _choices(_comma_list(args.dtype), list(DTYPES), "dtype")
-        modes = _choices(_comma_list(args.mode), list(MODES), "mode")
-        requested = _comma_list(args.providers)
+        dtypes = _choices(comma_list(args.dtype), list(DTYPES), "dtype")
+        modes = _choices(comma_list(args.mode), list(MODES), "mode")
+        requested = comma_list(args.providers)
         selection = select(requested, device)
         if args.plot and (reason := report.plot_available()):
             raise UsageError(reason)

@@ -29,7 +29,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 
-from .cli import _comma_list, build_parser
+from .cli import comma_list, build_parser
 from .e2e import GPU_STEP_SETTINGS, is_model_variant
 from .providers import provider_names
 from .shapes import DTYPES, LAYOUTS, MODES, bytes_moved, select_shapes
@@ -183,10 +183,10 @@ def row_seconds(floor_bytes: int, mode: str, budget_ms: float) -> float:
 
 def plan_kernels(stage: Stage, args) -> None:
     shapes = select_shapes(args.suite, args.batch, args.shapes)
-    dtypes = _explicit(_comma_list(args.dtype), "--dtype", DTYPES)
+    dtypes = _explicit(comma_list(args.dtype), "--dtype", DTYPES)
     layouts = _layouts(args)
-    modes = _explicit(_comma_list(args.mode), "--mode", MODES)
-    providers = _explicit(_comma_list(args.providers), "--providers", provider_names())
+    modes = _explicit(comma_list(args.mode), "--mode", MODES)
+    providers = _explicit(comma_list(args.providers), "--providers", provider_names())
     budget_ms = args.budget_ms if args.budget_ms is not None else GPU_SETTINGS.budget_ms
     seconds = STAGE_STARTUP_S
     for shape in shapes:
@@ -209,9 +209,9 @@ def plan_kernels(stage: Stage, args) -> None:
 
 
 def plan_model(stage: Stage, args) -> None:
-    dtypes = _explicit(_comma_list(args.dtype), "--dtype", ("float32", "bfloat16"))
+    dtypes = _explicit(comma_list(args.dtype), "--dtype", ("float32", "bfloat16"))
     layouts = _layouts(args)
-    providers = _explicit(_comma_list(args.providers), "--providers", provider_names())
+    providers = _explicit(comma_list(args.providers), "--providers", provider_names())
     variants = [name for name in providers if is_model_variant(name)]
     if args.batch is None:
         raise PlanError("--batch must be given explicitly")

@@ -1,6 +1,6 @@
 """Timing calls: warm-up, then the median of many samples, several providers interleaved.
 
-On CUDA (the standard of the device README's METHOD.md): every sample is one call bracketed by a
+On CUDA: every sample is one call bracketed by a
 pair of CUDA events, and before each one a buffer several times the size of the L2 cache is
 overwritten, so no sample finds its input in L2 from the last one (the same flush as
 ``triton.testing.do_bench``). All samples are queued before the host waits once, so the host
