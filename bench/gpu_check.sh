@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine, at most 9 minutes end to end:
 #
-#   bench/gpu_check.sh [--keep-files] [OUTDIR]   on the GPU machine, from anywhere in the checkout
+#   bench/gpu_check.sh [--keep-files] [--only STAGE,...] [OUTDIR]
+#                                                on the GPU machine, from anywhere in the checkout
 #   bench/gpu_check.sh --dry-run OUTDIR          on any machine (CI): checks the plan, runs what
 #                                                a CPU can, writes a dry-run SUMMARY.md
 #
@@ -15,6 +16,9 @@
 # At the end everything is packed into OUTDIR/gpu_check.tar.gz and OUTDIR keeps only SUMMARY.md
 # and the tarball (a lent machine hands back a few files only); --keep-files keeps the loose
 # files too. Unpack with: tar -xzf OUTDIR/gpu_check.tar.gz -C OUTDIR
+#
+# --only STAGE,...: a rerun after a fix: plan, env, build, the named stages and summary, each under
+# its usual box (the names are those of stages.tsv: tests-gpu, kernels-fp32, host-overhead, ...).
 #
 # Exit code: 0 only if every stage succeeded; 2 for bad usage or no GPU without --dry-run.
 set -uo pipefail
@@ -53,6 +57,10 @@ export PYTHONUNBUFFERED=1
 # After the build stage nothing may fall back to compiling the extension on first use (a minute
 # of some other stage's box): without a built _C the cuda rows and tests fail fast instead.
 export DBN_KERNELS_NO_JIT=1
+# Inductor compiles in a pool of subprocesses by default, and at exit waits up to 300 s for the
+# pool to shut down: under pytest-xdist that wait outlasted the test stage's box (seen on an
+# H200). Compiling in-process costs the few torch.compile tests a little time and ends cleanly.
+export TORCHINDUCTOR_COMPILE_THREADS=1
 PY=${PYTHON:-python3}
 # -P (Python >= 3.11): never import ./dbn_kernels by accident; the installed package is what is
 # checked (in CI a regular install: the checkout's dbn_kernels/ has neither Triton kernels nor _C).
@@ -163,7 +171,13 @@ ACTION=record
 ALONGSIDE_PID=
 ALONGSIDE_NAME=
 
+selected() {  # NAME: is the stage part of this run (--only)?
+    [[ -z $ONLY || ,$ALWAYS,$ONLY, == *",$1,"* ]]
+}
+ALWAYS=plan,env,build,summary
+
 stage() {  # NAME BOX required|optional|alongside COMMAND...
+    selected "$1" || return 0
     if [[ $ACTION == record ]]; then
         local IFS=$'\t'
         printf '%s\t%s\t%s\tcommand\t%s\n' "$1" "$2" "$3" "${*:4}"
@@ -184,6 +198,7 @@ wait_alongside() {  # a background stage's FAILED entry is lost with its subshel
 
 bench_stage() {  # NAME BOX required|optional DBN-BENCH-ARGUMENTS...: NAME.json (.csv, .png)
     local name=$1 box=$2 need=$3
+    selected "$name" || return 0
     shift 3
     local args=("$@" --no-progress --json "$OUTDIR/$name.json")
     if [[ " $* " != *" --model "* ]]; then
@@ -216,8 +231,10 @@ define_stages() {
     bench_stage compile 50 required --suite resnet50 --batch 64 --shapes "$COMPILE_SHAPES" \
         --dtype bfloat16 --layout nhwc --mode fwd-bwd --providers torch-compile --budget-ms 20
     if [[ -f dbn_kernels/benchmark/host_overhead.py ]]; then
+        # 10 rounds x 100 calls x 3 modes x 5 providers at ~0.3 ms a call on this machine's
+        # host: ~5 s (the CPU defaults, 30 x 200, ran past 25 s on an H200's host).
         stage host-overhead 25 required "${PYRUN[@]}" -m dbn_kernels.benchmark.host_overhead \
-            --json "$OUTDIR/host-overhead.json"
+            --rounds 10 --calls 100 --json "$OUTDIR/host-overhead.json"
     elif [[ $ACTION == run ]]; then
         skip_stage host-overhead 25 \
             "dbn_kernels/benchmark/host_overhead.py is not in this checkout" optional
@@ -296,11 +313,13 @@ pack() {
 
 DRY_RUN=0
 KEEP_FILES=0
+ONLY=
 OUTDIR=
 while (($#)); do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
         --keep-files) KEEP_FILES=1 ;;
+        --only) ONLY=${2:?gpu_check: --only needs a comma-separated list of stages}; shift ;;
         --describe-machine) describe_machine; exit ;;  # the env stage, run under its time box
         -h | --help) usage; exit 0 ;;
         -*) echo "gpu_check: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -350,7 +369,9 @@ if has_module matplotlib; then HAS_MATPLOTLIB=1; fi
 BUILD=(env "TORCH_CUDA_ARCH_LIST=$ARCH" "MAX_JOBS=$JOBS" DBN_KERNELS_REQUIRE_CUDA_BUILD=1
        "$PY" -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps
        -e .)
-PLAN=("${PYRUN[@]}" -m dbn_kernels.benchmark.gpu_check_plan "$OUTDIR/plan.tsv"
+# The planner runs before the build stage has installed the package: from the checkout (pure
+# Python, standard library and dbn-bench's argument parser).
+PLAN=(env "PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}" "${PYRUN[@]}" -m dbn_kernels.benchmark.gpu_check_plan "$OUTDIR/plan.tsv"
       --limit-s "$((LIMIT_S - RESERVE_S))" --json "$OUTDIR/plan.json")
 SUMMARY=("${PYRUN[@]}" -m dbn_kernels.benchmark.summary "$OUTDIR")
 
@@ -361,6 +382,15 @@ SUMMARY=("${PYRUN[@]}" -m dbn_kernels.benchmark.summary "$OUTDIR")
     commit=$(git rev-parse --short HEAD 2>/dev/null) && printf ' commit=%s' "$commit"
     printf '\nevent\tstage\tbox_s\tlimit_s\tutc\tepoch_s\texit\tseconds\tstatus\tnote\n'
 } >"$STAGE_LOG"
+if [[ -n $ONLY ]]; then
+    known=,$(ONLY='' define_stages | cut -f1 | paste -sd,),
+    for name in ${ONLY//,/ }; do
+        [[ $known == *",$name,"* ]] || {
+            echo "gpu_check: --only: no stage named $name (stages:${known//,/ })" >&2
+            exit 2
+        }
+    done
+fi
 define_stages >"$OUTDIR/plan.tsv"
 
 if ((DRY_RUN)); then

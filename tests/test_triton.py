@@ -294,7 +294,8 @@ def test_elementwise_passes_accurate_when_mean_dwarfs_std(layout):
 
     # backward through the statistics; dy correlated with xhat so that B (and B*x) is large
     xhat = (xd - mean64.view(1, C, 1, 1)) * invstd64.view(1, C, 1, 1)
-    dy = (xhat + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    noise = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)  # g is a CPU generator
+    dy = (xhat + 0.3 * noise).float()
     if layout == "channels_last":
         dy = dy.contiguous(memory_format=torch.channels_last)
     dy = dy.to(DEVICE)

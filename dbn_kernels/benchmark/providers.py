@@ -237,6 +237,12 @@ def _cudnn() -> Provider:
         x, dy, weight, bias = inputs.x, inputs.dy, inputs.weight, inputs.bias
         running_mean = inputs.running_mean.clone()
         running_var = inputs.running_var.clone()
+        if x.dtype == torch.bfloat16:
+            # cuDNN's batch norm takes float32 parameters with float16 input only; with bfloat16
+            # it needs them in bfloat16 (a model cast with .to(torch.bfloat16)). The (C,)
+            # vectors are a negligible part of the bytes moved.
+            weight, bias, running_mean, running_var = (
+                t.to(x.dtype) for t in (weight, bias, running_mean, running_var))
         training = mode != "eval-fwd"
 
         def forward():
