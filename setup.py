@@ -86,6 +86,13 @@ def cuda_build():
                      f"built with CUDA {torch.version.cuda}: installing the pure-Python package "
                      "(install an nvcc of the same major version and reinstall)")
 
+    try:
+        compilers, compiler_note = HELPERS.host_compilers()
+    except RuntimeError as exc:
+        return _skip(str(exc))
+    if compiler_note is not None:
+        _note(compiler_note)
+    os.environ.update(compilers)  # torch's build reads CXX, and CC for nvcc's -ccbin
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     from torch.utils import cpp_extension
@@ -102,7 +109,7 @@ def cuda_build():
     _note(f"building the CUDA extension dbn_kernels._C with {cuda_home}/bin/nvcc (CUDA {release}) "
           f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r}, "
           f"MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')}")
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": HELPERS.checked_build_ext(cpp_extension)}
 
 
 EXT_MODULES, CMDCLASS = cuda_build()

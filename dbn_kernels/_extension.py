@@ -113,6 +113,77 @@ def csrc_dir() -> Path | None:
     return None
 
 
+def _links_cxx_runtime_statically(compiler: str) -> bool:
+    """True when ``compiler``'s toolchain has no shared libstdc++ (``-print-file-name`` answers
+    the bare name), so a shared object linked with it carries its own copy of the C++ runtime."""
+    try:
+        answer = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True,
+                                text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False  # cannot tell: leave the choice alone
+    return answer == "libstdc++.so"
+
+
+def host_compilers() -> tuple[dict[str, str], str | None]:
+    """The CC/CXX to build the extension with: ``({}, None)`` to keep the environment's, or the
+    replacements and a sentence saying why.
+
+    An extension that links its own copy of libstdc++ next to the one torch loaded crashes the
+    first time it formats a number into an error message (seen on an H200 image whose
+    CC/CXX=/opt/gcc/bin/gcc,g++ link the runtime statically: a segfault in ostream inside the
+    extension). If CXX names such a compiler, the system's ``c++``/``cc`` (which link
+    ``libstdc++.so``, as torch does) are used for both the host code and nvcc's ``-ccbin``, so
+    every object of the extension comes from one compiler."""
+    cxx = os.environ.get("CXX")
+    if not cxx or not _links_cxx_runtime_statically(cxx):
+        return {}, None
+    for cand_cxx, cand_cc in (("c++", "cc"), ("g++", "gcc")):
+        path_cxx, path_cc = shutil.which(cand_cxx), shutil.which(cand_cc)
+        if path_cxx and path_cc and not _links_cxx_runtime_statically(path_cxx):
+            return ({"CXX": path_cxx, "CC": path_cc},
+                    f"CXX={cxx} links the C++ runtime statically (it has no shared libstdc++), "
+                    f"which crashes inside torch's process; building with CXX={path_cxx} "
+                    f"CC={path_cc} instead")
+    raise RuntimeError(f"CXX={cxx} links the C++ runtime statically (it has no shared "
+                       "libstdc++), and no other C++ compiler was found: an extension built "
+                       "with it crashes inside torch's process. Set CXX and CC to a compiler "
+                       "that links libstdc++.so (the system's g++)")
+
+
+def needed_libraries(shared_object: str) -> list[str] | None:
+    """The DT_NEEDED entries of an ELF shared object (``objdump -p``), or None if unknown."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        return None
+    try:
+        out = subprocess.run([objdump, "-p", shared_object], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return re.findall(r"^\s*NEEDED\s+(\S+)", out, flags=re.M)
+
+
+def checked_build_ext(cpp_extension):
+    """torch's ``BuildExtension`` (ninja), then a check of what it linked: an extension with its
+    own copy of the C++ runtime (no libstdc++.so among its needed libraries) crashes inside
+    torch's process, so the build fails instead of installing it."""
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            path = self.get_ext_fullpath(ext.name)
+            needed = needed_libraries(path)
+            if needed is not None and not any(lib.startswith("libstdc++") for lib in needed):
+                raise RuntimeError(
+                    f"{path} does not link libstdc++.so (it needs: {', '.join(needed)}): the "
+                    f"compiler (CXX={os.environ.get('CXX', 'c++')}) linked the C++ runtime "
+                    "statically, and such an extension crashes inside torch's process. Build "
+                    "with a compiler that links libstdc++.so, e.g. CXX=g++ CC=gcc")
+
+    return BuildExtension
+
+
 def nvcc_release(cuda_home: str) -> str | None:
     """``"13.0"`` from ``nvcc --version``, or ``None``."""
     try:
@@ -161,6 +232,11 @@ def compile_on_first_use() -> str | None:
 
         from torch.utils import cpp_extension
 
+        compilers, note = host_compilers()
+        if note is not None:
+            print(f"dbn_kernels: {note}", file=sys.stderr, flush=True)
+        saved = {name: os.environ.get(name) for name in compilers}
+        os.environ.update(compilers)  # read by cpp_extension.load (CXX, and CC for nvcc -ccbin)
         os.environ.setdefault("CUDA_HOME", cuda_home)
         cpp_extension.CUDA_HOME = cuda_home
         sources = [str(src / s) for s in SOURCES]
@@ -169,15 +245,22 @@ def compile_on_first_use() -> str | None:
             print("dbn_kernels: compiling the CUDA kernels for this GPU (first use only, a few "
                   "minutes; cached in torch's extensions directory) ...", file=sys.stderr,
                   flush=True)
-        cpp_extension.load(
-            name=JIT_NAME,
-            sources=sources,
-            extra_include_paths=[str(src)],
-            extra_cflags=["-O3", *includes],
-            extra_cuda_cflags=["-O3", "-lineinfo", *includes],
-            is_python_module=False,
-            verbose=False,
-        )
+        try:
+            cpp_extension.load(
+                name=JIT_NAME,
+                sources=sources,
+                extra_include_paths=[str(src)],
+                extra_cflags=["-O3", *includes],
+                extra_cuda_cflags=["-O3", "-lineinfo", *includes],
+                is_python_module=False,
+                verbose=False,
+            )
+        finally:  # the user's environment as it was
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     except Exception as exc:  # never raise at import or backend resolution
         detail = str(exc).strip().splitlines()
         return (f"compiling it on first use failed ({type(exc).__name__}: "

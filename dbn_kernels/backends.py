@@ -93,6 +93,10 @@ answer depends only on the key and on ``unavailable_reason``, itself cached. Fai
 are not stored."""
 
 
+# Under torch.compile the answer is a constant of the graph: Dynamo calls this in Python rather
+# than tracing it (tracing reached the extension's schema check, which it cannot represent, and
+# broke the graph on a GPU).
+@torch.compiler.assume_constant_result
 def _resolve(backend: str, env: str | None, device_type: str) -> str:
     validate_name(backend)
     if backend == "auto" and env:

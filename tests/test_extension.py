@@ -180,3 +180,93 @@ def test_setup_without_cuda_build_installs_pure_python():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == dbn.__version__
     assert "installing the pure-Python package" in proc.stderr
+
+
+# ---- the host compiler: one shared C++ runtime with torch ---------------------------------------
+
+def _fake_compiler(directory: Path, name: str, real: str, *, claims_shared: bool) -> str:
+    """A wrapper of the system compiler that links libstdc++ statically, like the GPU image's
+    /opt/gcc (where the extension crashed formatting an error message); with
+    ``claims_shared=False`` it also answers -print-file-name as a toolchain without
+    libstdc++.so does."""
+    lines = ["#!/bin/sh"]
+    if not claims_shared:
+        lines.append('for a in "$@"; do [ "$a" = "-print-file-name=libstdc++.so" ] && '
+                     '{ echo libstdc++.so; exit 0; }; done')
+    lines += [f'for a in "$@"; do [ "$a" = "-shared" ] && exec {real} "$@" -static-libstdc++; '
+              'done', f'exec {real} "$@"']
+    path = directory / name
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def _system_compilers():
+    import shutil
+
+    cxx, cc = shutil.which("g++"), shutil.which("gcc")
+    if cxx is None or cc is None:
+        pytest.skip("needs the system's g++ and gcc")
+    return cxx, cc
+
+
+def test_host_compilers_keep_a_compiler_with_a_shared_runtime(monkeypatch):
+    cxx, cc = _system_compilers()
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv("CC", cc)
+    assert _extension.host_compilers() == ({}, None)
+    monkeypatch.delenv("CXX")
+    assert _extension.host_compilers() == ({}, None)
+
+
+def test_host_compilers_replace_a_static_runtime_toolchain(tmp_path, monkeypatch):
+    cxx, _ = _system_compilers()
+    fake = _fake_compiler(tmp_path, "g++", cxx, claims_shared=False)
+    monkeypatch.setenv("CXX", fake)
+    chosen, note = _extension.host_compilers()
+    assert set(chosen) == {"CXX", "CC"} and fake not in chosen.values()
+    assert "statically" in note and fake in note
+    # Nothing else on PATH: a clear error naming the fix, not a silent static build.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="Set CXX and CC"):
+        _extension.host_compilers()
+
+
+def test_build_refuses_an_extension_with_its_own_cxx_runtime(tmp_path):
+    """The check after linking, on a one-file C++ extension built with torch's BuildExtension:
+    with a compiler that claims a shared runtime but links it statically the build fails naming
+    the problem; with the system compiler it succeeds and the library needs libstdc++.so."""
+    cxx, cc = _system_compilers()
+    if _extension.needed_libraries(sys.executable) is None:
+        pytest.skip("needs objdump")
+    (tmp_path / "tiny.cpp").write_text(
+        '#include <sstream>\n#include <string>\n'
+        'std::string describe(long n) { std::ostringstream s; s << n; return s.str(); }\n')
+    script = (
+        "import sys\n"
+        "from setuptools import setup\n"
+        "from torch.utils import cpp_extension\n"
+        f"sys.path.insert(0, {str(ROOT / 'dbn_kernels')!r})\n"
+        "import _extension\n"
+        "setup(name='tiny', ext_modules=[cpp_extension.CppExtension('tiny', ['tiny.cpp'])],\n"
+        "      cmdclass={'build_ext': _extension.checked_build_ext(cpp_extension)},\n"
+        "      script_args=['build_ext', '--inplace'])\n")
+    (tmp_path / "build_tiny.py").write_text(script)
+
+    def build(cxx_path: str, cc_path: str):
+        return subprocess.run([sys.executable, "build_tiny.py"], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path,
+                              env={**os.environ, "CXX": cxx_path, "CC": cc_path,
+                                   "MAX_JOBS": "2"})
+
+    fakes = tmp_path / "fake"
+    fakes.mkdir()
+    bad = build(_fake_compiler(fakes, "g++", cxx, claims_shared=True),
+                _fake_compiler(fakes, "gcc", cc, claims_shared=True))
+    assert bad.returncode != 0
+    assert "does not link libstdc++.so" in bad.stdout + bad.stderr
+    good = build(cxx, cc)
+    assert good.returncode == 0, good.stderr[-3000:]
+    built = list(tmp_path.glob("tiny*.so"))
+    assert len(built) == 1
+    assert any(lib.startswith("libstdc++") for lib in _extension.needed_libraries(str(built[0])))

@@ -57,3 +57,20 @@ def test_env_override_of_auto_is_used(monkeypatch):
         dbn.BatchNorm2d(3)(torch.randn(4, 3, 2, 2))
     # an explicit backend wins over the environment
     dbn.BatchNorm2d(3, backend="reference")(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_resolution_is_a_constant_under_torch_compile(backend):
+    """Dynamo must not trace the availability checks: the cuda backend's reaches the compiled
+    extension's schemas (a torch.FunctionSchema), which broke fullgraph compilation on a GPU.
+    Run here on the CPU for every backend whose check passes for CUDA tensors (the extension's
+    loads without a GPU)."""
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(f"{backend}: {backends.unavailable_reason(backend, 'cuda')}")
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + len(backends._resolve(backend, None, "cuda"))
+
+    assert torch.equal(f(torch.zeros(2)), torch.full((2,), float(len(backend))))
