@@ -314,6 +314,42 @@ def test_summary_of_a_run_cut_short(hand_built):
     assert "| kernels | bfloat16 | nchw | cuda-bn | 8.00x (1) |" in text
 
 
+def test_summary_reads_a_killed_test_stage_from_its_verbose_log(hand_built):
+    """On the H200 a test stage hung in pytest-xdist's teardown after its last test and was
+    killed before pytest wrote the junit xml: the outcomes its -v log printed still count."""
+    (hand_built / "stages.tsv").write_text(
+        "# gpu_check mode=run limit_s=540 gpu=test-gpu\n"
+        "event\tstage\tbox_s\tlimit_s\tutc\tepoch_s\texit\tseconds\tstatus\tnote\n"
+        "start\ttests-gpu\t85\t85\tT\t1\t\t\trunning\t\n"
+        "end\ttests-gpu\t85\t85\tT\t2\t124\t85.6\ttimeout\tstopped at its 85 s limit\n"
+        "start\ttests-triton\t85\t85\tT\t1\t\t\trunning\t\n"
+        "end\ttests-triton\t85\t85\tT\t2\t0\t30.1\tok\t\n")
+    (hand_built / "tests-gpu.log").write_text(
+        "bringing up nodes...\n"
+        "tests/test_cuda.py::test_a[cuda] \n"
+        "[gw0] [ 25%] PASSED tests/test_cuda.py::test_a[cuda] \n"
+        "[gw1] [ 50%] FAILED tests/test_cuda.py::test_b[cuda] \n"
+        "[gw2] [ 75%] SKIPPED tests/test_cuda.py::test_c \n"
+        "[gw3] [100%] ERROR tests/test_gpu_backends.py::test_d \n"
+        "FAILED tests/test_cuda.py::test_b[cuda] - AssertionError\n")  # -rfE's summary line
+    (hand_built / "tests-triton.log").write_text(
+        "tests/test_triton.py::test_e PASSED                  [ 50%]\n"
+        "tests/test_triton.py::test_f FAILED                  [100%]\n")
+    text = summary.summarize(hand_built)
+    assert "| tests-gpu.log (no junit xml; from the -v log) | 1 | 1 | 1 | 1 | ? |" in text
+    assert "| tests-triton.log (no junit xml; from the -v log) | 1 | 1 | 0 | 0 | ? |" in text
+    assert "`tests/test_cuda.py::test_b[cuda] (failed)`" in text
+    assert "`tests/test_gpu_backends.py::test_d (error)`" in text
+    assert "`tests/test_triton.py::test_f (failed)`" in text
+    # with the junit xml present, the log is not read a second time
+    (hand_built / "tests-triton.junit.xml").write_text(
+        '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_triton" name="test_e" /></testsuite></testsuites>')
+    text = summary.summarize(hand_built)
+    assert "tests-triton.log (no junit" not in text
+    assert "| tests-triton.junit.xml | 1 | 0 | 0 | 0 |  |" in text
+
+
 def test_summary_of_an_empty_directory(tmp_path):
     text = summary.summarize(tmp_path)
     assert "No stage log" in text and "No junit xml" in text

@@ -133,6 +133,39 @@ def read_junit(path: Path) -> JunitCounts:
     return counts
 
 
+# pytest -v lines, with pytest-xdist ("[gw0] [ 12%] PASSED tests/a.py::t") and without
+# ("tests/a.py::t PASSED   [ 12%]").
+_VERBOSE_XDIST = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)")
+_VERBOSE_PLAIN = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def read_verbose_log(path: Path) -> JunitCounts | None:
+    """The outcomes a ``pytest -v`` log printed as each test ended: what is left of a test stage
+    killed before pytest wrote its junit xml. None when the log has no such line."""
+    counts, seen = JunitCounts(), False
+    for line in path.read_text(errors="replace").splitlines():
+        match = _VERBOSE_XDIST.match(line)
+        if match:
+            outcome, test_id = match.groups()
+        else:
+            match = _VERBOSE_PLAIN.match(line)
+            if not match:
+                continue
+            test_id, outcome = match.groups()
+        seen = True
+        if outcome == "FAILED":
+            counts.failed += 1
+            counts.failing_ids.append(f"{test_id} (failed)")
+        elif outcome == "ERROR":
+            counts.errors += 1
+            counts.failing_ids.append(f"{test_id} (error)")
+        elif outcome in ("SKIPPED", "XFAIL"):
+            counts.skipped += 1
+        else:
+            counts.passed += 1
+    return counts if seen else None
+
+
 @dataclass
 class Results:
     kernel_docs: list[tuple[str, dict]] = field(default_factory=list)
@@ -406,7 +439,13 @@ def _tests_section(directory: Path, stages: list[StageRecord]) -> list[str]:
     cut_short = {f"{stage.name}.junit.xml": stage.status for stage in stages
                  if stage.status in ("timeout", "running")}
     paths = sorted(directory.glob("*.junit.xml"))
-    if not paths:
+    # A test stage killed before pytest wrote its junit xml: what its -v log recorded.
+    from_logs = [(f"{stage.name}.log", counts) for stage in stages
+                 if stage.name.startswith("tests-")
+                 and not (directory / f"{stage.name}.junit.xml").exists()
+                 and (directory / f"{stage.name}.log").exists()
+                 and (counts := read_verbose_log(directory / f"{stage.name}.log")) is not None]
+    if not paths and not from_logs:
         collected = _collected(directory)
         if collected:
             return out + ["Collected, not run (no GPU):", *collected, ""]
@@ -423,6 +462,10 @@ def _tests_section(directory: Path, stages: list[StageRecord]) -> list[str]:
         total.add(counts)
         lines.append([path.name, str(counts.passed), str(counts.failed), str(counts.errors),
                       str(counts.skipped), str(counts.interrupted) if counts.interrupted else ""])
+    for name, counts in from_logs:
+        total.add(counts)
+        lines.append([f"{name} (no junit xml; from the -v log)", str(counts.passed),
+                      str(counts.failed), str(counts.errors), str(counts.skipped), "?"])
     out += _table(["file", "passed", "failed", "errors", "skipped", "interrupted"], lines)
     out.append("")
     for name, status in cut_short.items():
