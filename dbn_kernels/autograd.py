@@ -42,27 +42,37 @@ def _backward(ctx, grad_y):
 _backward_once_differentiable = once_differentiable(_backward)
 
 
+def run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                num_batches_tracked, training, momentum, eps, alpha_params, eval_stats, backend):
+    """The backend's forward op: ``y`` and what backward needs, ``(mean, invstd, batch_mean,
+    batch_invstd, alpha)``. Called by the Function below, and directly when no gradient will be
+    asked for (no graph to record: inference, ``torch.no_grad()``)."""
+    if training:
+        y, *saved = op(backend, "train_forward")(
+            x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+            num_batches_tracked, momentum, eps, *alpha_params)
+        return y, saved
+    # Stored statistics are constants: the backward is affine (a_g = 0), so the batch
+    # statistics it would read are never used and the stored ones stand in.
+    if eval_stats == "dbn":
+        mean, spread, spread_is_std = dbn_mean, dbn_std, True
+    else:
+        mean, spread, spread_is_std = running_mean, running_var, False
+    y, invstd = op(backend, "eval_forward")(x, weight, bias, mean, spread, eps, spread_is_std)
+    return y, (mean, invstd, mean, invstd, invstd)
+
+
 class DiminishingBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
                 grad_through_stats, backend):
-        if training:
-            y, mean, invstd, batch_mean, batch_invstd, alpha = op(backend, "train_forward")(
-                x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                num_batches_tracked, momentum, eps, *alpha_params)
-        else:
-            # Stored statistics are constants: the backward is affine (a_g = 0), so the batch
-            # statistics it would read are never used and the stored ones stand in.
-            if eval_stats == "dbn":
-                mean, spread, spread_is_std = dbn_mean, dbn_std, True
-            else:
-                mean, spread, spread_is_std = running_mean, running_var, False
-            y, invstd = op(backend, "eval_forward")(x, weight, bias, mean, spread, eps,
-                                                    spread_is_std)
-            batch_mean, batch_invstd, alpha = mean, invstd, invstd
+        y, saved = run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                               num_batches_tracked, training, momentum, eps, alpha_params,
+                               eval_stats, backend)
+        if not training:
             grad_through_stats = False
-        ctx.save_for_backward(x, weight, mean, invstd, batch_mean, batch_invstd, alpha)
+        ctx.save_for_backward(x, weight, *saved)
         ctx.grad_through_stats = grad_through_stats
         ctx.backend = backend
         ctx.bias_dtype = None if bias is None else bias.dtype

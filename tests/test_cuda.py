@@ -47,6 +47,15 @@ def emulation(tmp_path_factory):
     a run killed mid-build leaves behind, and every later run would wait on it forever."""
     from torch.utils import cpp_extension
 
+    # The compiler the extension's own build would pick (not one that links its own copy of the
+    # C++ runtime, which crashes in torch's process the first time it formats an error).
+    try:
+        compilers, _ = _extension.host_compilers()
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the CPU emulation: {exc}")
+    monkeypatch = pytest.MonkeyPatch()
+    for name, value in compilers.items():
+        monkeypatch.setenv(name, value)
     try:
         cpp_extension.load(
             name="dbn_kernels_emulation",
@@ -56,6 +65,8 @@ def emulation(tmp_path_factory):
             is_python_module=False, verbose=False)
     except (OSError, FileNotFoundError) as exc:  # no host compiler: nothing to emulate with
         pytest.skip(f"cannot build the CPU emulation: {exc}")
+    finally:
+        monkeypatch.undo()
     return "emu"
 
 

@@ -162,3 +162,46 @@ def test_large_mean_outputs_and_gradients_within_float32_limit(backend, channels
         assert (ya.double() - yb).abs().max().item() < bound
         scale = xb.grad.abs().max().item()
         assert (xa.grad.double() - xb.grad).abs().max().item() < bound * scale
+
+
+@pytest.mark.parametrize("backend", dbn.available_backends("cpu"))
+@pytest.mark.parametrize("layer", [dbn.DiminishingBatchNorm2d, dbn.BatchNorm2d])
+@pytest.mark.parametrize("training", [True, False])
+def test_calls_without_a_graph_match_the_recorded_path(backend, layer, training, monkeypatch):
+    """With no gradient to compute (torch.no_grad(), or nothing requiring grad) the layer calls
+    its op directly, without the autograd Function. Output and every buffer must equal the
+    autograd path's, step after step, and the output must carry no graph, as nn.BatchNorm2d's
+    does not."""
+    import copy
+
+    from dbn_kernels.autograd import DiminishingBatchNormFunction
+
+    def apply_with_graph_only(*args):
+        assert torch.is_grad_enabled(), "the Function was applied under no_grad"
+        assert any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:3]), \
+            "the Function was applied with nothing requiring grad"
+        return apply(*args)
+
+    apply = DiminishingBatchNormFunction.apply
+    monkeypatch.setattr(DiminishingBatchNormFunction, "apply", apply_with_graph_only)
+    torch.manual_seed(0)
+    recorded = layer(3, backend=backend).train(training)
+    with torch.no_grad():
+        recorded.weight.uniform_(0.5, 1.5)
+        recorded.bias.uniform_(-1, 1)
+    direct = copy.deepcopy(recorded)
+    frozen = copy.deepcopy(recorded).requires_grad_(False)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 6, dtype=torch.float64) * 2 + 1
+        y_recorded = recorded(x)
+        with torch.no_grad():
+            y_direct = direct(x)
+        y_frozen = frozen(x)  # grad mode on, but nothing requires grad
+        assert y_recorded.grad_fn is not None
+        for y in (y_direct, y_frozen):
+            assert y.grad_fn is None and not y.requires_grad
+            assert torch.equal(y, y_recorded.detach())
+    expected = dict(recorded.named_buffers())
+    for other in (direct, frozen):
+        for name, buffer in other.named_buffers():
+            assert torch.equal(buffer, expected[name]), name
