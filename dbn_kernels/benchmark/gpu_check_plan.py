@@ -33,7 +33,7 @@ from .cli import comma_list, build_parser
 from .e2e import GPU_STEP_SETTINGS, is_model_variant
 from .providers import provider_names
 from .shapes import DTYPES, LAYOUTS, MODES, bytes_moved, select_shapes
-from .timing import GPU_SETTINGS
+from .timing import GPU_SETTINGS, HIDE_EXTRA_MS, HIDE_MARGIN
 
 # ---- the cost model ---------------------------------------------------------------------------
 # Calibrated on the first H200 run (2026-12-01, bench/results/nvidia-h200/): with these constants
@@ -181,12 +181,20 @@ def call_ms(floor_bytes: int, mode: str) -> float:
 def row_seconds(floor_bytes: int, mode: str, budget_ms: float) -> float:
     """A checked and timed row, with the timer's settings: warm-up, three calibration samples,
     then ``budget / call time`` samples within [min_reps, max_reps], each the call and the L2
-    flush before it."""
+    flush before it. When the timer hides the host, each sample also waits out a spin as long
+    as HIDE_MARGIN times the host's issue time, and the budget counts that wall time."""
     settings = GPU_SETTINGS
-    call = call_ms(floor_bytes, mode)
-    sample_ms = call + FLUSH_BYTES / (ASSUMED_COPY_GBPS * 1e9) * 1e3
+    flush_ms = FLUSH_BYTES / (ASSUMED_COPY_GBPS * 1e9) * 1e3
+    if settings.hide_host:
+        gpu_ms = floor_bytes / (ASSUMED_COPY_GBPS * 1e9) * 1e3 / FLOOR_EFFICIENCY
+        sample_ms = (gpu_ms + flush_ms + HIDE_MARGIN * HOST_MS_PER_SAMPLE[mode]
+                     + HIDE_EXTRA_MS)
+        per_sample_budget_ms = sample_ms
+    else:
+        call = call_ms(floor_bytes, mode)
+        sample_ms, per_sample_budget_ms = call + flush_ms, call
     warmup_ms = max(settings.warmup_ms, settings.min_warmup_calls * sample_ms)
-    samples = min(settings.max_reps, max(settings.min_reps, budget_ms / call))
+    samples = min(settings.max_reps, max(settings.min_reps, budget_ms / per_sample_budget_ms))
     return ROW_SETUP_S + (warmup_ms + (3 + samples) * sample_ms) / 1e3
 
 
@@ -335,9 +343,10 @@ def format_plan(plan: Plan) -> str:
            "alongside stages within the next stage's box",
            f"cost model per row: {ROW_SETUP_S:g} s setup and check + max("
            f"{GPU_SETTINGS.warmup_ms:g} ms, {GPU_SETTINGS.min_warmup_calls} samples) warm-up + "
-           f"(3 + budget / call time within [{GPU_SETTINGS.min_reps}, {GPU_SETTINGS.max_reps}]) "
-           f"samples of call + {FLUSH_BYTES >> 20} MiB flush; call time = max(floor bytes at "
-           f"{FLOOR_EFFICIENCY:g} x {ASSUMED_COPY_GBPS / 1000:g} TB/s, host queuing); + "
+           f"(3 + budget / sample time within [{GPU_SETTINGS.min_reps}, {GPU_SETTINGS.max_reps}]) "
+           f"samples of call + {FLUSH_BYTES >> 20} MiB flush + a spin of {HIDE_MARGIN:g} x host "
+           f"queuing (the budget counting all three); call time = floor bytes at "
+           f"{FLOOR_EFFICIENCY:g} x {ASSUMED_COPY_GBPS / 1000:g} TB/s; + "
            f"{TRITON_JIT_S:g} s Triton JIT per "
            f"case, + {TORCH_COMPILE_S:g} s per torch-compile row, + {STAGE_STARTUP_S:g} s per "
            f"process; every estimate x {MARGIN:g} must fit its box"]

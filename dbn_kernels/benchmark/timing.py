@@ -3,9 +3,19 @@
 On CUDA: every sample is one call bracketed by a
 pair of CUDA events, and before each one a buffer several times the size of the L2 cache is
 overwritten, so no sample finds its input in L2 from the last one (the same flush as
-``triton.testing.do_bench``). All samples are queued before the host waits once, so the host
-runs ahead of the GPU and the events see the GPU's time, launch gaps included where the host
-cannot keep up (as a user running eagerly would).
+``triton.testing.do_bench``). All samples are queued before the host waits once. Two ways to
+treat the host (``TimerSettings.hide_host``):
+
+* device time (the kernel benchmark's default): a spin kernel queued after the flush keeps the
+  GPU busy while the host issues the call, longer than the host was measured to need, so the
+  call's kernels are all queued when the start event runs and the events see the GPU's time
+  alone. On the first H200 run the host's issue of one forward + backward (260-290 us through
+  the module and autograd, 30 us for cuDNN called directly) exceeded the kernels' time on most
+  ResNet-50 shapes, and timings without the spin compared hosts, not kernels. The host's share
+  is measured on its own (``python -m dbn_kernels.benchmark.host_overhead``) and end to end by
+  the training step.
+* eager time (the training step): no spin; the host runs ahead of the GPU where it can, and the
+  events see launch gaps where it cannot keep up, as a user running eagerly would.
 
 On CPU: ``time.perf_counter_ns`` around each sample, no cache flush. A call shorter than
 ``min_sample_ms`` (0.5 ms) is repeated back to back within one sample, and the sample divided by
@@ -95,9 +105,20 @@ class TimerSettings:
     min_sample_ms: float = 0.0
     """CPU only: shorter calls are repeated within one sample until it lasts this long (on a GPU
     each sample is one call, after its own cache flush)."""
+    hide_host: bool = False
+    """CUDA only: time the device alone, the host's issue of the call hidden behind a spin
+    kernel (see the module docstring). The budget then counts each sample's wall time, spin
+    included."""
 
 
-GPU_SETTINGS = TimerSettings(warmup_ms=25.0, budget_ms=150.0, min_reps=10, max_reps=1000)
+GPU_SETTINGS = TimerSettings(warmup_ms=25.0, budget_ms=150.0, min_reps=10, max_reps=1000,
+                             hide_host=True)
+
+HIDE_MARGIN = 1.5
+"""The spin lasts this many times the longest host issue time seen in calibration, plus
+HIDE_EXTRA_MS, within HIDE_MAX_MS."""
+HIDE_EXTRA_MS = 0.05
+HIDE_MAX_MS = 20.0
 CPU_SETTINGS = TimerSettings(warmup_ms=10.0, budget_ms=50.0, min_reps=10, max_reps=400,
                              min_sample_ms=0.5)
 
@@ -122,6 +143,10 @@ class Timer:
         self.clock = clock
         """Host clock in ns: CPU samples and the warm-up's length (the tests pass a fake one)."""
         self.flush_buffer = None
+        self.spin_ms = 0.0
+        """The spin before each CUDA sample of the measurement under way (0: none)."""
+        self._spin_rate: float | None = None  # spin-kernel cycles per ms, measured on first use
+        self._flush_time: float | None = None  # ms of one L2 flush, measured on first use
         if self.is_cuda:
             l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
             self.flush_buffer = torch.empty(max(4 * l2_bytes, 256 * 2 ** 20), dtype=torch.int8,
@@ -133,8 +158,11 @@ class Timer:
         tail = (f"median of >= {settings.min_reps} samples after >= {settings.warmup_ms:g} ms "
                 f"warm-up; noisy when (p80 - p20) / median > {NOISE_THRESHOLD:.0%}")
         if self.is_cuda:
+            host = ("device time: the host's issue of each call hidden behind a spin kernel "
+                    "queued before it" if settings.hide_host else
+                    "eager time: host launch gaps included where the host falls behind")
             return (f"CUDA events, {self.flush_buffer.numel() // 2 ** 20} MiB L2 flush before "
-                    f"each sample, {tail}")
+                    f"each sample, {host}, {tail}")
         return ("time.perf_counter_ns, a case's providers interleaved round by round, calls "
                 f"under {settings.min_sample_ms:g} ms repeated within a sample (time per call "
                 f"reported), no cache flush, {tail}")
@@ -158,8 +186,15 @@ class Timer:
         settings = self.settings
         self._warm_up(calls)
         single = {name: 1 for name in calls}
+        self.spin_ms = 0.0
+        if self.is_cuda and settings.hide_host:
+            self.spin_ms = self._spin_needed(calls)
         per_call_ms = {name: max(percentile(sorted(samples), 0.5), 1e-4)
                        for name, samples in self._rounds(calls, single, 3).items()}
+        if self.spin_ms:
+            # The budget counts wall time: a sample costs its spin and flush too.
+            per_call_ms = {name: ms + self.spin_ms + self._flush_ms()
+                           for name, ms in per_call_ms.items()}
         calls_per_sample = single
         if not self.is_cuda and settings.min_sample_ms > 0:
             calls_per_sample = {name: max(1, math.ceil(settings.min_sample_ms / ms))
@@ -207,20 +242,71 @@ class Timer:
             raise CallFailed(name, exc) from exc
         return samples
 
+    # ---- device time: the spin kernel ----------------------------------------------------------
+
+    def _spin_needed(self, calls: dict[str, Callable[[], object]]) -> float:
+        """How long the spin before each sample must last (ms): the host's issue time of each
+        call (it does not depend on whether the GPU is busy: nothing on the timed paths waits for
+        the device)."""
+        longest = 0.0
+        for name, fn in calls.items():
+            for _ in range(3):
+                start = time.perf_counter()
+                try:
+                    fn()
+                except Exception as exc:
+                    raise CallFailed(name, exc) from exc
+                longest = max(longest, (time.perf_counter() - start) * 1e3)
+                self.sync()
+        return min(HIDE_MAX_MS, HIDE_MARGIN * longest + HIDE_EXTRA_MS)
+
+    def _spin(self, ms: float) -> None:
+        """Queue a kernel that keeps the GPU busy for about ``ms``."""
+        torch.cuda._sleep(max(1, int(ms * self._cycles_per_ms())))
+
+    def _cycles_per_ms(self) -> float:
+        """The spin kernel's clock, measured once per timer (GPU clocks vary by model)."""
+        if self._spin_rate is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            cycles = 2_000_000
+            torch.cuda._sleep(cycles)  # the first launch loads the kernel
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            self._spin_rate = cycles / max(start.elapsed_time(end), 1e-3)
+        return self._spin_rate
+
+    def _flush_ms(self) -> float:
+        """The L2 flush's own time, measured once per timer."""
+        if self._flush_time is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.flush_buffer.zero_()
+            start.record()
+            self.flush_buffer.zero_()
+            end.record()
+            end.synchronize()
+            self._flush_time = start.elapsed_time(end)
+        return self._flush_time
+
     def _cuda_rounds(self, calls: dict[str, Callable[[], object]],
                      rounds: int) -> dict[str, list[float]]:
-        """Every sample queued (flush, start event, call, end event) before one synchronisation.
-        An error the device reports at that synchronisation is charged to the last call queued
-        (exact when one call is timed at a time, as the runner does on a GPU)."""
+        """Every sample queued (flush, spin when hiding the host, start event, call, end event)
+        before one synchronisation. An error the device reports at that synchronisation is
+        charged to the last call queued (exact when one call is timed at a time, as the runner
+        does on a GPU)."""
         events = {name: [(torch.cuda.Event(enable_timing=True),
                           torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
                   for name in calls}
         name = ""
+        spin_ms = self.spin_ms
         try:
             for index in range(rounds):
                 for name, fn in calls.items():
                     start, end = events[name][index]
                     self.flush_buffer.zero_()
+                    if spin_ms:
+                        self._spin(spin_ms)
                     start.record()
                     fn()
                     end.record()
