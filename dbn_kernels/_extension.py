@@ -114,8 +114,26 @@ def csrc_dir() -> Path | None:
 
 
 def _links_cxx_runtime_statically(compiler: str) -> bool:
-    """True when ``compiler``'s toolchain has no shared libstdc++ (``-print-file-name`` answers
-    the bare name), so a shared object linked with it carries its own copy of the C++ runtime."""
+    """True when a shared object that ``compiler`` links carries its own copy of the C++ runtime.
+
+    Found by linking one: a tiny shared object that uses the runtime must then list libstdc++.so
+    among its needed libraries (``objdump``). Without objdump, or when the test link itself
+    fails, the toolchain is asked where its libstdc++.so is: a toolchain without one answers the
+    bare name."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dbn_cxx_probe_") as tmp:
+        source, library = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(source, "w") as out:
+            out.write("#include <string>\nstd::string probe(long n) { return std::to_string(n); }\n")
+        try:
+            linked = subprocess.run([compiler, "-shared", "-fPIC", source, "-o", library],
+                                    capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            linked = False
+        needed = needed_libraries(library) if linked else None
+        if needed is not None:
+            return not any(lib.startswith("libstdc++") for lib in needed)
     try:
         answer = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True,
                                 text=True, timeout=60).stdout.strip()
@@ -141,11 +159,13 @@ def host_compilers() -> tuple[dict[str, str], str | None]:
         path_cxx, path_cc = shutil.which(cand_cxx), shutil.which(cand_cc)
         if path_cxx and path_cc and not _links_cxx_runtime_statically(path_cxx):
             return ({"CXX": path_cxx, "CC": path_cc},
-                    f"CXX={cxx} links the C++ runtime statically (it has no shared libstdc++), "
-                    f"which crashes inside torch's process; building with CXX={path_cxx} "
+                    f"CXX={cxx} links the C++ runtime statically (a shared object it links does "
+                    "not need libstdc++.so), which crashes inside torch's process; building with "
+                    f"CXX={path_cxx} "
                     f"CC={path_cc} instead")
-    raise RuntimeError(f"CXX={cxx} links the C++ runtime statically (it has no shared "
-                       "libstdc++), and no other C++ compiler was found: an extension built "
+    raise RuntimeError(f"CXX={cxx} links the C++ runtime statically (a shared object it links "
+                       "does not need libstdc++.so), and no other C++ compiler was found: an "
+                       "extension built "
                        "with it crashes inside torch's process. Set CXX and CC to a compiler "
                        "that links libstdc++.so (the system's g++)")
 

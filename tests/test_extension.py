@@ -219,13 +219,17 @@ def test_host_compilers_keep_a_compiler_with_a_shared_runtime(monkeypatch):
     assert _extension.host_compilers() == ({}, None)
 
 
-def test_host_compilers_replace_a_static_runtime_toolchain(tmp_path, monkeypatch):
+@pytest.mark.parametrize("claims_shared", [False, True])
+def test_host_compilers_replace_a_static_runtime_toolchain(tmp_path, monkeypatch, claims_shared):
+    """Found by linking a probe, whatever the toolchain says about its libstdc++.so."""
     cxx, _ = _system_compilers()
-    fake = _fake_compiler(tmp_path, "g++", cxx, claims_shared=False)
+    fake = _fake_compiler(tmp_path, "g++", cxx, claims_shared=claims_shared)
     monkeypatch.setenv("CXX", fake)
     chosen, note = _extension.host_compilers()
     assert set(chosen) == {"CXX", "CC"} and fake not in chosen.values()
     assert "statically" in note and fake in note
+    if claims_shared:
+        return  # below, without binutils on PATH, only the toolchain's own answer is left
     # Nothing else on PATH: a clear error naming the fix, not a silent static build.
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="Set CXX and CC"):
