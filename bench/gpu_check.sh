@@ -243,6 +243,10 @@ define_stages() {
     # Batch 256 in the time the stages above leave (each usually ends well inside its box).
     bench_stage kernels-bf16-b256 70 optional --suite resnet50 --batch 256 --dtype bfloat16 \
         --layout both --mode fwd-bwd --providers "$KERNEL_PROVIDERS" --budget-ms 20
+    # The training step where the GPU, not the host, sets the pace (at batch 64 the H200's host
+    # was the bottleneck even for nn.BatchNorm2d).
+    bench_stage train-step-b256 60 optional --model resnet50 --batch 256 --dtype bfloat16 \
+        --layout nhwc --providers torch,cuda-bn,cuda-dbn
     stage summary 7 required "${SUMMARY[@]}"
 }
 

@@ -263,9 +263,9 @@ def test_summary_dbn_cost_and_training_step(hand_built):
     triton = goal_row(text, "DBN within 2% of BN (geomean time)", "triton")
     assert "DBN/BN 1.100 over 1 cases" in triton and triton.endswith("| **missed** |")
     assert goal_row(text, "ResNet-50 step faster than nn.BatchNorm2d", "cuda-bn").endswith(
-        "| 1.200x | met |")
+        "| 1.200x at batch 64 | met |")
     assert goal_row(text, "ResNet-50 step faster than nn.BatchNorm2d", "triton-dbn").endswith(
-        "| 0.900x | **missed** |")
+        "| 0.900x at batch 64 | **missed** |")
     assert "| amp-bfloat16 | nhwc | 64 | cuda-bn | 1,200 | 1.200x | ok |" in text
 
 

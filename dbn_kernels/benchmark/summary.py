@@ -350,11 +350,12 @@ def check_goals(kernel_rows: list[dict], model_rows: list[dict]) -> list[Goal]:
                               cost.geomean <= GOAL_DBN_OVER_BN))
     steps = [row for row in model_rows if row.get("status") == "ok"]
     for variant in dict.fromkeys(row["provider"] for row in steps if row["provider"] != "torch"):
-        ratios = [row["speedup_vs_torch"] for row in steps
-                  if row["provider"] == variant and row.get("speedup_vs_torch")]
+        measured = [(row["speedup_vs_torch"], row.get("batch")) for row in steps
+                    if row["provider"] == variant and row.get("speedup_vs_torch")]
         goals.append(Goal("ResNet-50 step faster than nn.BatchNorm2d", variant,
-                          ", ".join(_x(r, 3) for r in ratios) or "-",
-                          None if not ratios else min(ratios) > 1.0))
+                          ", ".join(_x(r, 3) + ("" if batch is None else f" at batch {batch}")
+                                    for r, batch in measured) or "-",
+                          None if not measured else min(r for r, _ in measured) > 1.0))
     return goals
 
 
