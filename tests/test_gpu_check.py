@@ -269,6 +269,28 @@ def test_summary_dbn_cost_and_training_step(hand_built):
     assert "| amp-bfloat16 | nhwc | 64 | cuda-bn | 1,200 | 1.200x | ok |" in text
 
 
+def test_summary_host_overhead_goal_counts_gpu_runs_only(hand_built):
+    def host_doc(device, ratios):
+        return {"benchmark": "host_overhead", "settings": {"device": device},
+                "rows": [{"mode": "fwd-bwd", "provider": "torch", "median_us": 200.0,
+                          "ratio": 1.0},
+                         *({"mode": mode, "provider": provider, "median_us": 200.0 * ratio,
+                            "ratio": ratio} for mode, provider, ratio in ratios)]}
+
+    (hand_built / "host-overhead.json").write_text(json.dumps(host_doc("cuda", [
+        ("fwd-bwd", "cuda-bn", 1.4), ("fwd-bwd", "cuda-dbn", 1.6), ("eval", "cuda-bn", 3.0),
+        ("fwd-bwd", "triton-bn", 4.0)])))
+    text = summary.summarize(hand_built)
+    goal = "host time per fwd-bwd call within 1.5x nn.BatchNorm2d's"
+    assert goal_row(text, goal, "cuda-bn").endswith("| 1.40x (280 us) | met |")
+    assert goal_row(text, goal, "cuda-dbn").endswith("| 1.60x (320 us) | **missed** |")
+    assert f"| {goal} | triton-bn |" not in text  # the goal is the cuda backend's
+    # a CPU run (the dry run's) is no measurement of this goal
+    (hand_built / "host-overhead.json").write_text(json.dumps(host_doc("cpu", [
+        ("fwd-bwd", "cuda-bn", 1.4)])))
+    assert goal not in summary.summarize(hand_built)
+
+
 # ---- partial results ----------------------------------------------------------------------------
 
 def test_summary_of_a_run_cut_short(hand_built):

@@ -37,6 +37,8 @@ GOAL_VS_CUDNN = 1.3
 GOAL_VS_TORCH = 1.5
 GOAL_PCT_COPY = 85.0
 GOAL_DBN_OVER_BN = 1.02
+GOAL_HOST_RATIO = 1.5
+"""On a GPU, the cuda backend's host time per forward + backward over nn.BatchNorm2d's."""
 LARGE_TENSOR_BYTES = 64 * 2 ** 20
 """"Large": an input tensor (x) of at least 64 MiB, where bandwidth, not launch cost, decides."""
 
@@ -314,7 +316,8 @@ def _large_rows(rows: list[dict]) -> list[dict]:
             and tensor_bytes(row) >= LARGE_TENSOR_BYTES]
 
 
-def check_goals(kernel_rows: list[dict], model_rows: list[dict]) -> list[Goal]:
+def check_goals(kernel_rows: list[dict], model_rows: list[dict],
+                host_rows: list[dict] | None = None) -> list[Goal]:
     """The project's goals, per backend, against whatever was measured."""
     medians = timed_medians(kernel_rows)
     providers = project_providers(kernel_rows)
@@ -348,6 +351,15 @@ def check_goals(kernel_rows: list[dict], model_rows: list[dict]) -> list[Goal]:
             goals.append(Goal(f"DBN within {GOAL_DBN_OVER_BN - 1:.0%} of BN (geomean time)",
                               backend, f"DBN/BN {cost.geomean:.3f} over {cost.count} cases",
                               cost.geomean <= GOAL_DBN_OVER_BN))
+    # Host time per call (a GPU run): the cuda backend's forward + backward within
+    # GOAL_HOST_RATIO of nn.BatchNorm2d's.
+    for row in host_rows or []:
+        if (row.get("mode") == "fwd-bwd" and str(row.get("provider", "")).startswith("cuda-")
+                and row.get("ratio") is not None):
+            goals.append(Goal(f"host time per fwd-bwd call within {GOAL_HOST_RATIO:g}x "
+                              "nn.BatchNorm2d's", row["provider"],
+                              f"{row['ratio']:.2f}x ({row['median_us']:.0f} us)",
+                              row["ratio"] <= GOAL_HOST_RATIO))
     steps = [row for row in model_rows if row.get("status") == "ok"]
     for variant in dict.fromkeys(row["provider"] for row in steps if row["provider"] != "torch"):
         measured = [(row["speedup_vs_torch"], row.get("batch")) for row in steps
@@ -637,7 +649,10 @@ def _section(write, *args) -> list[str]:
 
 
 def _goals_section(results: Results) -> list[str]:
-    goals = check_goals(results.kernel_rows, results.model_rows)
+    goals = check_goals(results.kernel_rows, results.model_rows,
+                        [row for _, doc in results.host_docs
+                         if "cuda" in str(doc.get("settings", {}).get("device", ""))
+                         for row in doc.get("rows", [])])
     out = ["## Goals", ""]
     if goals:
         tally = defaultdict(int)
