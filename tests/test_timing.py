@@ -10,6 +10,9 @@ from dbn_kernels.benchmark import timing
 from dbn_kernels.benchmark.timing import Timer, TimerSettings
 
 
+CYCLES_PER_MS = 1.98e6  # a 1.98 GHz SM clock, as an H200's
+
+
 class FakeCuda:
     """Records the order of the queued operations; events read a device clock that advances by
     what the fake kernels cost."""
@@ -37,7 +40,7 @@ class FakeCuda:
 
     def sleep(self, cycles):
         self.log.append(("spin", cycles))
-        self.now += cycles / 1000.0  # 1000 cycles per device ms
+        self.now += cycles / CYCLES_PER_MS
 
 
 @pytest.fixture
@@ -66,8 +69,8 @@ def test_device_time_hides_the_hosts_issue_behind_a_long_enough_spin(fake_gpu_ti
     # the spin lasts longer than the host needed to issue the call, within the cap
     assert 2.0 * timing.HIDE_MARGIN < timer.spin_ms <= timing.HIDE_MAX_MS
     # the spin kernel's clock was measured, and each sample queues flush, spin, start, call, end
-    assert timer._spin_rate == pytest.approx(1000.0)
-    sample = [("spin", int(timer.spin_ms * 1000.0)), "start", "call", "end"]
+    assert timer._spin_rate == pytest.approx(CYCLES_PER_MS)
+    sample = [("spin", int(timer.spin_ms * CYCLES_PER_MS)), "start", "call", "end"]
     assert fake.log[-4 * len(sample):] == sample * 4
     # the events bracket the call only: the device time, not the spin or the host's
     assert result.median_ms == pytest.approx(0.25)
@@ -93,3 +96,21 @@ def test_gpu_kernel_benchmark_times_the_device_and_the_training_step_eagerly():
 
     assert timing.GPU_SETTINGS.hide_host
     assert not GPU_STEP_SETTINGS.hide_host
+
+
+def test_a_broken_spin_falls_back_to_eager_time_and_says_so(fake_gpu_timer, monkeypatch):
+    timer, fake = fake_gpu_timer
+
+    def no_sleep(cycles):
+        raise RuntimeError("no spin kernel here")
+
+    monkeypatch.setattr(torch.cuda, "_sleep", no_sleep)
+
+    def call():
+        fake.log.append("call")
+        fake.now += 0.25
+
+    result = timer.time(call)
+    assert result.median_ms == pytest.approx(0.25)
+    assert timer.spin_ms == 0.0 and not timer.settings.hide_host
+    assert "eager time" in timer.method and "no spin kernel here" in timer.method

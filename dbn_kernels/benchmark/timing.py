@@ -147,6 +147,7 @@ class Timer:
         """The spin before each CUDA sample of the measurement under way (0: none)."""
         self._spin_rate: float | None = None  # spin-kernel cycles per ms, measured on first use
         self._flush_time: float | None = None  # ms of one L2 flush, measured on first use
+        self._spin_failure: str | None = None  # "" once the spin kernel is known to work
         if self.is_cuda:
             l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
             self.flush_buffer = torch.empty(max(4 * l2_bytes, 256 * 2 ** 20), dtype=torch.int8,
@@ -161,6 +162,8 @@ class Timer:
             host = ("device time: the host's issue of each call hidden behind a spin kernel "
                     "queued before it" if settings.hide_host else
                     "eager time: host launch gaps included where the host falls behind")
+            if self._spin_failure:
+                host += f" (the spin kernel failed, {self._spin_failure})"
             return (f"CUDA events, {self.flush_buffer.numel() // 2 ** 20} MiB L2 flush before "
                     f"each sample, {host}, {tail}")
         return ("time.perf_counter_ns, a case's providers interleaved round by round, calls "
@@ -187,7 +190,7 @@ class Timer:
         self._warm_up(calls)
         single = {name: 1 for name in calls}
         self.spin_ms = 0.0
-        if self.is_cuda and settings.hide_host:
+        if self.is_cuda and settings.hide_host and self._spin_works():
             self.spin_ms = self._spin_needed(calls)
         per_call_ms = {name: max(percentile(sorted(samples), 0.5), 1e-4)
                        for name, samples in self._rounds(calls, single, 3).items()}
@@ -259,6 +262,20 @@ class Timer:
                 longest = max(longest, (time.perf_counter() - start) * 1e3)
                 self.sync()
         return min(HIDE_MAX_MS, HIDE_MARGIN * longest + HIDE_EXTRA_MS)
+
+    def _spin_works(self) -> bool:
+        """Whether the spin kernel runs and keeps a plausible clock (0.1-10 GHz). If not, the
+        timer falls back to eager time for good, and ``method`` says so."""
+        if self._spin_failure is None:
+            try:
+                rate = self._cycles_per_ms()
+                self._spin_failure = ("" if 1e5 <= rate <= 1e7 else
+                                      f"its clock measured {rate:.3g} cycles/ms")
+            except Exception as exc:  # a torch without torch.cuda._sleep, a driver error
+                self._spin_failure = f"{type(exc).__name__}: {exc}"
+            if self._spin_failure:
+                self.settings.hide_host = False
+        return not self._spin_failure
 
     def _spin(self, ms: float) -> None:
         """Queue a kernel that keeps the GPU busy for about ``ms``."""
