@@ -131,9 +131,9 @@ def _links_cxx_runtime_statically(compiler: str) -> bool:
                                     capture_output=True, timeout=120).returncode == 0
         except (OSError, subprocess.SubprocessError):
             linked = False
-        needed = needed_libraries(library) if linked else None
-        if needed is not None:
-            return not any(lib.startswith("libstdc++") for lib in needed)
+        shared = links_shared_cxx_runtime(library) if linked else None
+        if shared is not None:
+            return not shared
     try:
         answer = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True,
                                 text=True, timeout=60).stdout.strip()
@@ -155,19 +155,17 @@ def host_compilers() -> tuple[dict[str, str], str | None]:
     cxx = os.environ.get("CXX")
     if not cxx or not _links_cxx_runtime_statically(cxx):
         return {}, None
+    problem = (f"CXX={cxx} links the C++ runtime statically (a shared object it links does not "
+               "need libstdc++.so)")
     for cand_cxx, cand_cc in (("c++", "cc"), ("g++", "gcc")):
         path_cxx, path_cc = shutil.which(cand_cxx), shutil.which(cand_cc)
         if path_cxx and path_cc and not _links_cxx_runtime_statically(path_cxx):
             return ({"CXX": path_cxx, "CC": path_cc},
-                    f"CXX={cxx} links the C++ runtime statically (a shared object it links does "
-                    "not need libstdc++.so), which crashes inside torch's process; building with "
-                    f"CXX={path_cxx} "
-                    f"CC={path_cc} instead")
-    raise RuntimeError(f"CXX={cxx} links the C++ runtime statically (a shared object it links "
-                       "does not need libstdc++.so), and no other C++ compiler was found: an "
-                       "extension built "
-                       "with it crashes inside torch's process. Set CXX and CC to a compiler "
-                       "that links libstdc++.so (the system's g++)")
+                    f"{problem}, which crashes inside torch's process; building with "
+                    f"CXX={path_cxx} CC={path_cc} instead")
+    raise RuntimeError(f"{problem}, and no other C++ compiler was found: an extension built with "
+                       "it crashes inside torch's process. Set CXX and CC to a compiler that "
+                       "links libstdc++.so (the system's g++)")
 
 
 def needed_libraries(shared_object: str) -> list[str] | None:
@@ -183,6 +181,12 @@ def needed_libraries(shared_object: str) -> list[str] | None:
     return re.findall(r"^\s*NEEDED\s+(\S+)", out, flags=re.M)
 
 
+def links_shared_cxx_runtime(shared_object: str) -> bool | None:
+    """Whether the shared object needs libstdc++.so (None: cannot tell, no objdump)."""
+    needed = needed_libraries(shared_object)
+    return None if needed is None else any(lib.startswith("libstdc++") for lib in needed)
+
+
 def checked_build_ext(cpp_extension):
     """torch's ``BuildExtension`` (ninja), then a check of what it linked: an extension with its
     own copy of the C++ runtime (no libstdc++.so among its needed libraries) crashes inside
@@ -193,10 +197,10 @@ def checked_build_ext(cpp_extension):
         def build_extension(self, ext):
             super().build_extension(ext)
             path = self.get_ext_fullpath(ext.name)
-            needed = needed_libraries(path)
-            if needed is not None and not any(lib.startswith("libstdc++") for lib in needed):
+            if links_shared_cxx_runtime(path) is False:
                 raise RuntimeError(
-                    f"{path} does not link libstdc++.so (it needs: {', '.join(needed)}): the "
+                    f"{path} does not link libstdc++.so (it needs: "
+                    f"{', '.join(needed_libraries(path))}): the "
                     f"compiler (CXX={os.environ.get('CXX', 'c++')}) linked the C++ runtime "
                     "statically, and such an extension crashes inside torch's process. Build "
                     "with a compiler that links libstdc++.so, e.g. CXX=g++ CC=gcc")

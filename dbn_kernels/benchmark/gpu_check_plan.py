@@ -171,11 +171,9 @@ def _count(items: list, word: str) -> str:
     return f"{len(items)} {word}" + ("" if len(items) == 1 else "s")
 
 
-def call_ms(floor_bytes: int, mode: str) -> float:
-    """What the timer measures for one call: its GPU time (the floor at FLOOR_EFFICIENCY of the
-    copy rate) or, when the host is slower, the host's queuing."""
-    gpu_ms = floor_bytes / (ASSUMED_COPY_GBPS * 1e9) * 1e3 / FLOOR_EFFICIENCY
-    return max(gpu_ms, HOST_MS_PER_SAMPLE[mode])
+def _transfer_ms(nbytes: int) -> float:
+    """Moving ``nbytes`` (read + written) at the assumed copy rate."""
+    return nbytes / (ASSUMED_COPY_GBPS * 1e9) * 1e3
 
 
 def row_seconds(floor_bytes: int, mode: str, budget_ms: float) -> float:
@@ -184,15 +182,14 @@ def row_seconds(floor_bytes: int, mode: str, budget_ms: float) -> float:
     flush before it. When the timer hides the host, each sample also waits out a spin as long
     as HIDE_MARGIN times the host's issue time, and the budget counts that wall time."""
     settings = GPU_SETTINGS
-    flush_ms = FLUSH_BYTES / (ASSUMED_COPY_GBPS * 1e9) * 1e3
+    gpu_ms = _transfer_ms(floor_bytes) / FLOOR_EFFICIENCY
+    host_ms = HOST_MS_PER_SAMPLE[mode]
     if settings.hide_host:
-        gpu_ms = floor_bytes / (ASSUMED_COPY_GBPS * 1e9) * 1e3 / FLOOR_EFFICIENCY
-        sample_ms = (gpu_ms + flush_ms + HIDE_MARGIN * HOST_MS_PER_SAMPLE[mode]
-                     + HIDE_EXTRA_MS)
+        sample_ms = gpu_ms + _transfer_ms(FLUSH_BYTES) + HIDE_MARGIN * host_ms + HIDE_EXTRA_MS
         per_sample_budget_ms = sample_ms
-    else:
-        call = call_ms(floor_bytes, mode)
-        sample_ms, per_sample_budget_ms = call + flush_ms, call
+    else:  # the events see the GPU's time or, when the host is slower, the host's queuing
+        per_sample_budget_ms = max(gpu_ms, host_ms)
+        sample_ms = per_sample_budget_ms + _transfer_ms(FLUSH_BYTES)
     warmup_ms = max(settings.warmup_ms, settings.min_warmup_calls * sample_ms)
     samples = min(settings.max_reps, max(settings.min_reps, budget_ms / per_sample_budget_ms))
     return ROW_SETUP_S + (warmup_ms + (3 + samples) * sample_ms) / 1e3
