@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import define_backend, stat_dtype
+from .ops import SCHEMAS, define_backend, stat_dtype
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -56,38 +56,27 @@ def schedule_alpha(k: torch.Tensor, alpha_scale: float, alpha_power: float,
     return a.masked_fill_(k <= 1, 1.0)
 
 
-def _normalize_in_place(centred: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+def _normalize_in_place(centered: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                         shift: torch.Tensor | None) -> torch.Tensor:
-    """y = centred * scale + shift in ``x``'s dtype, where ``centred`` is x minus a per-channel
-    centre in the statistics' dtype (a temporary, overwritten here).
+    """y = centered * scale + shift in ``x``'s dtype, where ``centered`` is x minus a per-channel
+    center in the statistics' dtype (a temporary, overwritten here).
 
-    Scaling the centred value rather than folding the centre into the shift (x*scale + shift)
+    Scaling the centered value rather than folding the center into the shift (x*scale + shift)
     keeps |mean| >> std inputs accurate: the large terms cancel before rounding. In place, because
     on CPU a fresh x-sized allocation costs more than the arithmetic."""
     shape = _channel_shape(x)
-    y = centred.mul_(scale.view(*shape))
+    y = centered.mul_(scale.view(*shape))
     if shift is not None:
         y.add_(shift.view(*shape))
     return _as(y, x.dtype)
 
 
-def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
-    acc = stat_dtype(x)
-    dims = _reduce_dims(x)
-    M = x.numel() // x.shape[1]
-    # Two passes, centred before squaring: as accurate as Welford (no E[x^2] - E[x]^2
-    # cancellation) and several times faster than torch.var_mean on CPU.
-    batch_mean = x.mean(dims, dtype=acc)
-    centred = x - batch_mean.view(*_channel_shape(x))  # in acc: type promotion
-    batch_var = centred.square().mean(dims)
-    batch_std = batch_var.add(eps).sqrt_()
-    batch_invstd = batch_std.reciprocal()
-
-    k = num_batches_tracked
-    if k is not None:
-        k.add_(1)
-
+def _average(batch_mean, batch_std, batch_invstd, unbiased_var, running_mean, running_var,
+             dbn_mean, dbn_std, k, momentum, alpha_scale, alpha_power, alpha_offset):
+    """a_k from the (already incremented) counter ``k`` and every buffer update; returns the
+    statistics the step normalizes with, ``(mean, invstd, alpha)``. ``unbiased_var`` (PyTorch's
+    running_var input) is read only with running statistics."""
+    acc = batch_mean.dtype
     if dbn_mean is not None:
         alpha = schedule_alpha(k, alpha_scale, alpha_power, alpha_offset, acc)
         mean = torch.lerp(_as(dbn_mean, acc), batch_mean, alpha)
@@ -104,17 +93,136 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         # PyTorch's update; a float momentum goes to lerp as a scalar, 1/k stays on the device.
         f = momentum if momentum is not None else k.to(acc, copy=True).reciprocal_()
         _lerp_into(running_mean, batch_mean, f)
-        _lerp_into(running_var, batch_var * (M / (M - 1)), f)
+        _lerp_into(running_var, unbiased_var, f)
+    return mean, invstd, alpha
 
-    scale = invstd if weight is None else invstd * weight
+
+def _scale(invstd: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """gamma / sigma per channel, in the statistics' dtype."""
+    return invstd if weight is None else invstd * weight
+
+
+# ---- the passes ------------------------------------------------------------------------------
+
+def batch_stats(x, num_batches_tracked):
+    acc = stat_dtype(x)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    C = x.shape[1]
+    if x.numel() == 0:
+        return x.new_zeros((3, C), dtype=acc)  # count 0: merges as nothing
+    dims = _reduce_dims(x)
+    mean = x.mean(dims, dtype=acc)
+    m2 = (x - mean.view(*_channel_shape(x))).square_().sum(dims)  # centered: no cancellation
+    return torch.stack((torch.full_like(mean, x.numel() // C), mean, m2))
+
+
+def merge_stats(stats: torch.Tensor):
+    """(count, mean, M2) per channel of a (P, 3, C) statistics stack, merged with Chan's formula:
+    deviations of the sources' means from the first one's, so the weighted sum does not round at
+    the size of |mean| when |mean| >> std."""
+    if stats.shape[0] == 1:
+        return stats[0, 0], stats[0, 1], stats[0, 2]
+    count, means, m2s = stats[:, 0], stats[:, 1], stats[:, 2]
+    n = count.sum(0)
+    dev = means - means[0]
+    shift = (count * dev).sum(0) / n
+    m2 = m2s.sum(0) + (count * (dev - shift).square_()).sum(0)
+    return n, means[0] + shift, m2
+
+
+def finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+             num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+    n, batch_mean, m2 = merge_stats(stats)
+    batch_var = m2 / n
+    batch_std = batch_var.add(eps).sqrt_()
+    batch_invstd = batch_std.reciprocal()
+    unbiased_var = m2 / (n - 1) if running_mean is not None else None
+    mean, invstd, alpha = _average(batch_mean, batch_std, batch_invstd, unbiased_var,
+                                   running_mean, running_var, dbn_mean, dbn_std,
+                                   num_batches_tracked, momentum, alpha_scale, alpha_power,
+                                   alpha_offset)
+    shift = torch.zeros_like(mean) if bias is None else bias
+    coef = torch.stack((mean, _scale(invstd, weight), _as(shift, mean.dtype)))
+    # a one-source stack's rows are views of the input, which op outputs may not be
+    return mean, invstd, batch_mean.clone(), batch_invstd, alpha, coef
+
+
+def normalize(x, coef):
+    centered = x - _as(coef[0], stat_dtype(x)).view(*_channel_shape(x))
+    return _normalize_in_place(centered, x, coef[1], coef[2])
+
+
+def backward_reduce(grad_y, x, mean):
+    acc = stat_dtype(x)
+    C = x.shape[1]
+    if x.numel() == 0:
+        return x.new_zeros((3, C), dtype=acc)
+    dims = _reduce_dims(x)
+    sum_dy = grad_y.sum(dims, dtype=acc)
+    sum_dy_xc = ((x - mean.view(*_channel_shape(x))) * grad_y).sum(dims)
+    return torch.stack((torch.full_like(sum_dy, x.numel() // C), sum_dy, sum_dy_xc))
+
+
+def backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alpha, grad_through_stats,
+                      input_grad):
+    n, sum_dy, sum_dy_xc = sums.sum(0)
+    grad_weight = sum_dy_xc * invstd
+    C = sums.shape[-1]
+    if not input_grad:
+        return grad_weight, sum_dy, sums.new_empty((0, C))
+    a = _scale(invstd, weight)
+    if not grad_through_stats:
+        return grad_weight, sum_dy, torch.stack((a,))
+    h = (a * alpha).div_(n)
+    b = (h * grad_weight).mul_(batch_invstd).neg_()
+    coef = torch.stack((a, _as(batch_mean, a.dtype), b, h.mul_(sum_dy).neg_()))
+    return grad_weight, sum_dy, coef
+
+
+def backward_dx(grad_y, x, coef):
+    shape = _channel_shape(x)
+    grad_x = grad_y * coef[0].view(*shape)  # in the statistics' dtype: type promotion
+    if coef.shape[0] == 4:
+        work = x - coef[1].view(*shape)
+        grad_x.add_(work.mul_(coef[2].view(*shape)).add_(coef[3].view(*shape)))
+    return _like_input(grad_x, x)
+
+
+# ---- fused compositions ------------------------------------------------------------------------
+
+def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+    """batch_stats -> finalize -> normalize in one: the statistics straight from x, and the
+    batch-centered values reused for y."""
+    acc = stat_dtype(x)
+    dims = _reduce_dims(x)
+    M = x.numel() // x.shape[1]
+    # Two passes, centered before squaring: as accurate as Welford (no E[x^2] - E[x]^2
+    # cancellation) and several times faster than torch.var_mean on CPU.
+    batch_mean = x.mean(dims, dtype=acc)
+    centered = x - batch_mean.view(*_channel_shape(x))  # in acc: type promotion
+    batch_var = centered.square().mean(dims)
+    batch_std = batch_var.add(eps).sqrt_()
+    batch_invstd = batch_std.reciprocal()
+
+    k = num_batches_tracked
+    if k is not None:
+        k.add_(1)
+    unbiased_var = batch_var * (M / (M - 1)) if running_mean is not None else None
+    mean, invstd, alpha = _average(batch_mean, batch_std, batch_invstd, unbiased_var,
+                                   running_mean, running_var, dbn_mean, dbn_std, k, momentum,
+                                   alpha_scale, alpha_power, alpha_offset)
+
+    scale = _scale(invstd, weight)
     if dbn_mean is None:
-        shift = bias  # mu_k = m_B: x - mu_k is the batch-centred value itself
+        shift = bias  # mu_k = m_B: x - mu_k is the batch-centered value itself
     else:
-        # x - mu_k = (x - m_B) + (m_B - mu_k): reuse the batch-centred values.
+        # x - mu_k = (x - m_B) + (m_B - mu_k): reuse the batch-centered values.
         shift = (batch_mean - mean).mul_(scale)
         if bias is not None:
             shift.add_(bias)
-    y = _normalize_in_place(centred, x, scale, shift)
+    y = _normalize_in_place(centered, x, scale, shift)
     return y, mean, invstd, batch_mean, batch_invstd, alpha
 
 
@@ -122,9 +230,9 @@ def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
     acc = stat_dtype(x)
     spread = _as(spread, acc)
     invstd = spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
-    centred = x - _as(mean, acc).view(*_channel_shape(x))
+    centered = x - _as(mean, acc).view(*_channel_shape(x))
     scale = invstd if weight is None else invstd * weight
-    return _normalize_in_place(centred, x, scale, bias), invstd
+    return _normalize_in_place(centered, x, scale, bias), invstd
 
 
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -141,8 +249,8 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     shape = _channel_shape(x)
     M = x.numel() // x.shape[1]
     sum_dy = grad_y.sum(dims, dtype=acc)
-    centred = x - mean.view(*shape)  # x - mu_k, in acc
-    work = centred * grad_y  # summed here, then reused in place as dx's storage
+    centered = x - mean.view(*shape)  # x - mu_k, in acc
+    work = centered * grad_y  # summed here, then reused in place as dx's storage
     sum_dy_xhat = work.sum(dims).mul_(invstd)
     if not input_grad:
         return x.new_empty((0,)), sum_dy_xhat, sum_dy
@@ -159,8 +267,8 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
         b = torch.mul(h, sum_dy_xhat).mul_(batch_invstd)
         c = torch.addcmul(h.mul_(sum_dy), b, mean - batch_mean)
         inv_M = 1 / M if M else 0.0  # M = 0: an empty batch, nothing to scale
-        grad_x.sub_(c.view(*shape), alpha=inv_M).addcmul_(centred, b.view(*shape), value=-inv_M)
+        grad_x.sub_(c.view(*shape), alpha=inv_M).addcmul_(centered, b.view(*shape), value=-inv_M)
     return _like_input(grad_x, x), sum_dy_xhat, sum_dy
 
-define_backend("reference", {"train_forward": train_forward, "eval_forward": eval_forward,
-                             "backward": backward}, device_types=("cpu", "cuda"))
+define_backend("reference", {entry: globals()[entry] for entry in SCHEMAS},
+               device_types=("cpu", "cuda"))

@@ -1,21 +1,22 @@
-"""The ``triton`` backend: fused Triton kernels for the three ops of ``dbn_kernels.ops``.
+"""The ``triton`` backend: Triton kernels for every op of ``dbn_kernels.ops``.
 
-Importing this module defines ``dbn::triton_train_forward``, ``dbn::triton_eval_forward`` and
-``dbn::triton_backward``. They run on CUDA tensors, and on CPU tensors under the Triton
-interpreter (``TRITON_INTERPRET=1`` set before this import), which is how CI tests them.
+Importing this package defines the ``dbn::triton_*`` ops. They run on CUDA tensors, and on CPU
+tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before this import), which is
+how CI tests them.
 
-* ``launch``   how inputs are viewed (layouts) and every launch heuristic (tiles, splits, warps);
+* ``launch``   how inputs are viewed (NCS / NSC layouts) and every launch plan (tiles, splits,
+  warps);
 * ``tiling``   device helpers: tile offsets per layout, Welford/Chan merges;
-* ``forward``  collect_stats, finalize, normalize (training) and eval_normalize (evaluation);
-* ``backward`` backward_reduce, backward_finalize, backward_dx.
+* ``merge``    merging a stack of partial results in a fixed order;
+* ``forward``  the passes batch_stats, finalize, normalize; train_forward and eval_forward;
+* ``backward`` the passes backward_reduce, backward_finalize, backward_dx; backward.
 """
 
-from dbn_kernels.ops import define_backend
+from dbn_kernels.ops import SCHEMAS, define_backend
 
-from .backward import backward
-from .forward import eval_forward, train_forward
+from . import backward as _backward
+from . import forward as _forward
 
-define_backend("triton", {"train_forward": train_forward, "eval_forward": eval_forward,
-                          "backward": backward}, device_types=("cuda", "cpu"))
-
-__all__ = ["train_forward", "eval_forward", "backward"]
+# Registered by entry name; the submodules keep their names (nothing here shadows them).
+define_backend("triton", {entry: getattr(_forward, entry, None) or getattr(_backward, entry)
+                          for entry in SCHEMAS}, device_types=("cuda", "cpu"))

@@ -41,16 +41,14 @@ class Variant:
 
 
 def _modules():
-    fwd = importlib.import_module("dbn_kernels.triton_kernels.forward")
-    bwd = importlib.import_module("dbn_kernels.triton_kernels.backward")
-    launch = importlib.import_module("dbn_kernels.triton_kernels.launch")
-    return fwd, bwd, launch
+    return tuple(importlib.import_module(f"dbn_kernels.triton_kernels.{name}")
+                 for name in ("forward", "backward", "merge", "launch"))
 
 
 def variants():
     """The kernel variants the launchers can produce (switch combinations), sized by the planner
     for a representative input per layout (divisible by 16, as the JIT would specialise)."""
-    fwd, bwd, launch = _modules()
+    fwd, bwd, merge, launch = _modules()
     device = torch.device("cpu")
     geos = [launch.Geometry(32, 64, 28 * 28, False), launch.Geometry(32, 64, 28 * 28, True)]
     out = []
@@ -68,25 +66,25 @@ def variants():
         ew_args = {**shape, "extent_a": ep.extent_a, "b_blocks": ep.b_blocks}
         ew_blocks = {"BLOCK_A": ep.block_a, "BLOCK_B": ep.block_b, "EMULATE_RTNE": False}
         for bump in (True, False):
-            out.append(Variant(fwd.collect_stats,
-                               {"x_ptr": dt, "partial_ptr": "*fp32", "counter_ptr": "*i64",
+            out.append(Variant(fwd.collect_stats_kernel,
+                               {"x_ptr": dt, "stack_ptr": "*fp32", "counter_ptr": "*i64",
                                 **stats_args},
                                {**reduce_blocks, **layout, "BUMP_COUNTER": bump}, rp.num_warps))
-        out.append(Variant(fwd.normalize, {"x_ptr": dt, "y_ptr": dt, "affine_ptr": "*fp32",
+        out.append(Variant(fwd.normalize_kernel, {"x_ptr": dt, "y_ptr": dt, "coef_ptr": "*fp32",
                                            **ew_args}, {**ew_blocks, **layout}, ep.num_warps))
         for spread_is_std, affine in itertools.product((True, False), (True, False)):
-            out.append(Variant(fwd.eval_normalize,
+            out.append(Variant(fwd.eval_normalize_kernel,
                                {"x_ptr": dt, "y_ptr": dt, "mean_ptr": dt, "spread_ptr": "*fp32",
                                 "weight_ptr": "*fp32", "bias_ptr": dt, "invstd_ptr": "*fp32",
                                 "eps": 1e-5, **ew_args},
                                {**ew_blocks, **layout, "SPREAD_IS_STD": spread_is_std,
                                 "HAS_WEIGHT": affine, "HAS_BIAS": affine}, ep.num_warps))
-        out.append(Variant(bwd.backward_reduce,
+        out.append(Variant(bwd.backward_reduce_kernel,
                            {"dy_ptr": dt, "x_ptr": dt, "mean_ptr": "*fp32",
-                            "partial_ptr": "*fp32", **reduce_args},
+                            "stack_ptr": "*fp32", **reduce_args},
                            {**reduce_blocks, **layout}, rp.num_warps))
         for gts in (True, False):
-            out.append(Variant(bwd.backward_dx,
+            out.append(Variant(bwd.backward_dx_kernel,
                                {"dy_ptr": dt, "x_ptr": dt, "dx_ptr": dt, "coef_ptr": "*fp32",
                                 **ew_args},
                                {**ew_blocks, **layout, "GRAD_THROUGH_STATS": gts},
@@ -102,27 +100,30 @@ def variants():
     for (counter, dbn, running, cumulative, weight, bias), buf in itertools.product(
             switches, ("*fp32", "*bf16")):
         out.append(Variant(
-            fwd.finalize,
-            {"partial_ptr": "*fp32", "splits": 37, "C": 64, "counter_ptr": "*i64",
+            fwd.finalize_kernel,
+            {"stack_ptr": "*fp32", "sources": 37, "C": 64, "counter_ptr": "*i64",
              "dbn_mean_ptr": buf, "dbn_std_ptr": buf, "running_mean_ptr": buf,
              "running_var_ptr": buf, "weight_ptr": buf, "bias_ptr": buf,
              **{name: "*fp32" for name in ("mean_ptr", "invstd_ptr", "batch_mean_ptr",
-                                           "batch_invstd_ptr", "alpha_ptr", "affine_ptr")},
-             "count": 1.0, "unbias": 1.0, "momentum": 0.1, "eps": 1e-5, "alpha_scale": 1.0,
+                                           "batch_invstd_ptr", "alpha_ptr", "coef_ptr")},
+             "momentum": 0.1, "eps": 1e-5, "alpha_scale": 1.0,
              "alpha_power": 1.0, "alpha_offset": 0.0},
             {"HAS_COUNTER": counter, "HAS_DBN": dbn, "HAS_RUNNING": running,
              "CUMULATIVE": cumulative, "HAS_WEIGHT": weight, "HAS_BIAS": bias, **fin_blocks,
              "EMULATE_RTNE": False}, fin.num_warps))
     for weight, input_grad, gts in itertools.product((True, False), repeat=3):
         out.append(Variant(
-            bwd.backward_finalize,
-            {"partial_ptr": "*fp32", "splits": 37, "C": 64, "weight_ptr": "*bf16",
+            bwd.backward_finalize_kernel,
+            {"stack_ptr": "*fp32", "sources": 37, "C": 64, "weight_ptr": "*bf16",
              **{name: "*fp32" for name in ("invstd_ptr", "batch_mean_ptr", "batch_invstd_ptr",
                                            "alpha_ptr", "grad_weight_ptr", "grad_bias_ptr",
-                                           "coef_ptr")},
-             "count": 1.0},
+                                           "coef_ptr")}},
             {"HAS_WEIGHT": weight, "INPUT_GRAD": input_grad, "GRAD_THROUGH_STATS": gts,
              **fin_blocks}, fin.num_warps))
+    for stats in (True, False):
+        out.append(Variant(merge.merge_kernel,
+                           {"stack_ptr": "*fp32", "sources": 37, "C": 64, "out_ptr": "*fp32"},
+                           {"STATS": stats, **fin_blocks}, fin.num_warps))
     return out
 
 

@@ -1,19 +1,23 @@
-"""Forward kernels and their launchers.
+"""Forward kernels and their launchers: the passes ``batch_stats``, ``finalize`` and ``normalize``,
+the fused ``train_forward`` they compose, and ``eval_forward``.
 
 Training step, three launches and no host synchronisation:
 
-1. ``collect_stats``: grid (channel blocks, splits of M). Each lane keeps a Welford state (count,
-   mean, M2) over the tiles of its split; the lanes are merged (Chan) and each program writes one
-   partial state per channel. Program (0, 0) also increments ``num_batches_tracked``.
-2. ``finalize``: one program per channel block merges the partials in split order, computes a_k
+1. ``collect_stats_kernel``: grid (channel blocks, splits of M). Each lane keeps a Welford state
+   (count, mean, M2) over the tiles of its split; the lanes are merged (Chan) and each program
+   writes one source of the (splits, 3, C) statistics stack. Program (0, 0) also increments
+   ``num_batches_tracked``.
+2. ``finalize_kernel``: one program per channel block merges a statistics stack in source order
+   (the splits of step 1, or whatever stack the caller gives the ``finalize`` pass), computes a_k
    from the counter, applies every buffer update and writes the saved tensors and the
    per-channel (center, scale, shift) = (mu_k, gamma / sig_k, beta).
-3. ``normalize``: y = (x - center) * scale + shift, a subtract and an FMA per element.
+3. ``normalize_kernel``: y = (x - center) * scale + shift, a subtract and an FMA per element.
 
-Evaluation is one launch, ``eval_normalize``, which derives (center, scale, shift) from the stored
-statistics inside each tile.
+The ``batch_stats`` pass adds one launch, ``merge_kernel``, which collapses the splits into the
+single (3, C) source it returns. Evaluation is one launch, ``eval_normalize_kernel``, which
+derives (center, scale, shift) from the stored statistics inside each tile.
 
-The element-wise passes are centred rather than folded into ``x * scale + (shift - center *
+The element-wise passes are centered rather than folded into ``x * scale + (shift - center *
 scale)``: the folded constant is ~|mu/sigma| in size, and its rounding (|mu/sigma| * 2**-24) would
 be the output's error when |mean| >> std. ``x - center`` is exact when the two are close.
 """
@@ -27,19 +31,18 @@ import triton.language as tl
 from dbn_kernels import reference
 
 from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
-                     kernel_input, reduce_plan)
-from .tiling import (along_channels, elementwise_tile, lerp, merge_lanes, merge_pair,
-                     reduction_tile, store_rounded)
+                     kernel_input, needs_reference, reduce_plan)
+from .merge import merge, merge_stats
+from .tiling import along_channels, elementwise_tile, lerp, merge_lanes, reduction_tile, store_rounded
 
 
 @triton.jit
-def collect_stats(x_ptr, partial_ptr, counter_ptr, C, S, M, s_blocks, tiles, full_tiles,
+def collect_stats_kernel(x_ptr, stack_ptr, counter_ptr, C, S, M, s_blocks, tiles, full_tiles,
                   tiles_per_split, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                   CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
                   BUMP_COUNTER: tl.constexpr):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    splits = tl.num_programs(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if CHANNELS_LAST:
         mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
@@ -74,46 +77,35 @@ def collect_stats(x_ptr, partial_ptr, counter_ptr, C, S, M, s_blocks, tiles, ful
     else:
         mean, m2, count = merge_lanes(mean, m2, count, 1)
     keep = c < C
-    out = partial_ptr + split * C + c
-    tl.store(out, mean, mask=keep)
-    tl.store(out + splits * C, m2, mask=keep)
-    tl.store(out + 2 * splits * C, count, mask=keep)
+    out = stack_ptr + split * (3 * C) + c  # this split's source of the (splits, 3, C) stack
+    tl.store(out, count, mask=keep)
+    tl.store(out + C, mean, mask=keep)
+    tl.store(out + 2 * C, m2, mask=keep)
     if BUMP_COUNTER:
         # The counter is bumped here rather than in finalize: finalize runs several programs that
         # all need k, and one of them writing it while others read would race. Nothing else in
-        # this launch reads it, and finalize (the next launch) sees the new value.
+        # this launch reads it, and finalize (a later launch) sees the new value.
         first = (pid_c == 0) & (split == 0)
         k = tl.load(counter_ptr, mask=first, other=0)
         tl.store(counter_ptr, k + 1, mask=first)
 
 
 @triton.jit
-def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, running_mean_ptr,
-             running_var_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr, batch_mean_ptr,
-             batch_invstd_ptr, alpha_ptr, affine_ptr, count, unbias, momentum, eps,
-             alpha_scale, alpha_power, alpha_offset,
-             HAS_COUNTER: tl.constexpr, HAS_DBN: tl.constexpr, HAS_RUNNING: tl.constexpr,
-             CUMULATIVE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+def finalize_kernel(stack_ptr, sources, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr,
+                    running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr, mean_ptr, invstd_ptr,
+                    batch_mean_ptr, batch_invstd_ptr, alpha_ptr, coef_ptr, momentum, eps,
+                    alpha_scale, alpha_power, alpha_offset,
+                    HAS_COUNTER: tl.constexpr, HAS_DBN: tl.constexpr, HAS_RUNNING: tl.constexpr,
+                    CUMULATIVE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+                    EMULATE_RTNE: tl.constexpr):
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    n = tl.zeros([BLOCK_C], tl.float32)
-    # Splits merge in ascending order, BLOCK_SPLIT at a time: the result does not depend on
-    # scheduling, so two identical runs agree bit for bit.
-    for j0 in range(0, splits, BLOCK_SPLIT):
-        j = j0 + tl.arange(0, BLOCK_SPLIT)
-        mask = (j < splits)[:, None] & keep[None, :]
-        offs = j[:, None] * C + c[None, :]
-        part_mean = tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        part_m2 = tl.load(partial_ptr + splits * C + offs, mask=mask, other=0.0)
-        part_n = tl.load(partial_ptr + 2 * splits * C + offs, mask=mask, other=0.0)
-        b_mean, b_m2, b_n = merge_lanes(part_mean, part_m2, part_n, 0)
-        mean, m2, n = merge_pair(mean, m2, n, b_mean, b_m2, b_n)
-
-    var = m2 / count
+    mean, m2, n = merge_stats(stack_ptr, sources, C, c, keep, BLOCK_SPLIT)
+    # n is the stack's total count, read on the device: another process's batch may be in it.
+    n = tl.where(keep, n, 1.0)  # lanes past C: no 0 / 0
+    var = m2 / n
     std = tl.sqrt_rn(var + eps)
     batch_invstd = 1.0 / std
 
@@ -143,7 +135,7 @@ def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, run
         old_rm = tl.load(running_mean_ptr + c, mask=keep, other=0.0).to(tl.float32)
         old_rv = tl.load(running_var_ptr + c, mask=keep, other=1.0).to(tl.float32)
         new_rm = lerp(old_rm, mean, f)
-        new_rv = lerp(old_rv, var * unbias, f)
+        new_rv = lerp(old_rv, m2 / (n - 1.0), f)  # PyTorch's unbiased running variance
         store_rounded(running_mean_ptr + c, new_rm, keep, EMULATE_RTNE)
         store_rounded(running_var_ptr + c, new_rv, keep, EMULATE_RTNE)
 
@@ -161,29 +153,29 @@ def finalize(partial_ptr, splits, C, counter_ptr, dbn_mean_ptr, dbn_std_ptr, run
         shift = tl.load(bias_ptr + c, mask=keep, other=0.0).to(tl.float32)
     else:
         shift = tl.zeros([BLOCK_C], tl.float32)
-    tl.store(affine_ptr + c, mu, mask=keep)
-    tl.store(affine_ptr + C + c, scale, mask=keep)
-    tl.store(affine_ptr + 2 * C + c, shift, mask=keep)
+    tl.store(coef_ptr + c, mu, mask=keep)
+    tl.store(coef_ptr + C + c, scale, mask=keep)
+    tl.store(coef_ptr + 2 * C + c, shift, mask=keep)
 
 
 @triton.jit
-def normalize(x_ptr, y_ptr, affine_ptr, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr,
+def normalize_kernel(x_ptr, y_ptr, coef_ptr, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr,
               BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
               INT64: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
     # (center, scale, shift), rows of a (3, C) tensor: contiguous vector loads per tile
-    center = along_channels(tl.load(affine_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
-    scale = along_channels(tl.load(affine_ptr + C + chan, mask=chan_mask, other=0.0),
+    center = along_channels(tl.load(coef_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
+    scale = along_channels(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0),
                            CHANNELS_LAST)
-    shift = along_channels(tl.load(affine_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
+    shift = along_channels(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
                            CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     store_rounded(y_ptr + offs, (x - center) * scale + shift, mask, EMULATE_RTNE)
 
 
 @triton.jit
-def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, invstd_ptr, eps,
+def eval_normalize_kernel(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, invstd_ptr, eps,
                    C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
                    SPREAD_IS_STD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -204,7 +196,7 @@ def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, inv
     center = along_channels(mean, CHANNELS_LAST)
     scale = along_channels(scale, CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # centred, not folded into x * scale - mean * scale (see the module's docstring)
+    # centered, not folded into x * scale - mean * scale (see the module's docstring)
     if HAS_BIAS:
         shift = tl.load(bias_ptr + chan, mask=chan_mask, other=0.0).to(tl.float32)
         y = (x - center) * scale + along_channels(shift, CHANNELS_LAST)
@@ -212,6 +204,8 @@ def eval_normalize(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, inv
         y = (x - center) * scale
     store_rounded(y_ptr + offs, y, mask, EMULATE_RTNE)
 
+
+# ---- launchers ---------------------------------------------------------------------------------
 
 def _per_channel(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
@@ -222,65 +216,118 @@ def _in_place_ok(*buffers) -> bool:
     return all(b is None or b.is_contiguous() for b in buffers)
 
 
-def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
-    if (x.dtype == torch.float64 or x.numel() == 0
-            or not _in_place_ok(running_mean, running_var, dbn_mean, dbn_std)):
-        # float64 is the reference's job (Triton would accumulate in float32); so are empty
-        # inputs (the layers never pass them) and buffers that are not dense vectors.
-        return reference.train_forward(x, weight, bias, running_mean, running_var, dbn_mean,
-                                       dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
-                                       alpha_power, alpha_offset)
-    xk, geo = kernel_input(x)
-    C, M = geo.C, geo.M
-    f32 = {"dtype": torch.float32, "device": x.device}
+def _collect_stats(xk, geo, num_batches_tracked):
+    """Launch 1: the (splits, 3, C) statistics stack of ``xk``, bumping the counter."""
+    plan = reduce_plan(geo, xk.element_size(), xk.device)
+    stack = torch.empty((plan.splits, 3, geo.C), dtype=torch.float32, device=xk.device)
+    has_counter = num_batches_tracked is not None
+    collect_stats_kernel[plan.grid](
+        xk, stack, num_batches_tracked if has_counter else stack, geo.C, geo.S, geo.M,
+        plan.s_blocks, plan.tiles, plan.full_tiles, plan.tiles_per_split,
+        BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, CHANNELS_LAST=geo.channels_last,
+        ALIGN=geo.align, INT64=geo.int64, BUMP_COUNTER=has_counter, num_warps=plan.num_warps)
+    return stack
+
+
+def _finalize(stack, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+              num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+    """Launch 2: merge a dense (P, 3, C) stack; the saved tensors and the (3, C) coefficients."""
+    sources, _, C = stack.shape
     weight, bias = _per_channel(weight), _per_channel(bias)
     has_counter = num_batches_tracked is not None
     has_dbn = dbn_mean is not None
     has_running = running_mean is not None
-    if (has_dbn or (has_running and momentum is None)) and not has_counter:
-        raise ValueError("num_batches_tracked is required for DBN statistics or momentum=None")
-
-    plan = reduce_plan(geo, xk.element_size(), x.device)
-    fin = finalize_plan(C, plan.splits)
-    ew = elementwise_plan(geo, xk.element_size())
-    partial = torch.empty((3, plan.splits, C), **f32)
+    f32 = {"dtype": torch.float32, "device": stack.device}
     mean, invstd, batch_mean, batch_invstd = (torch.empty(C, **f32) for _ in range(4))
     alpha = torch.empty((), **f32)
-    affine = torch.empty((3, C), **f32)  # center, scale, shift
-    y = torch.empty_like(xk)
-    unused = partial  # stands in for absent tensors; the kernels never touch it then
+    coef = torch.empty((3, C), **f32)  # center, scale, shift
+    unused = stack  # stands in for absent tensors; the kernel never touches it then
+    fin = finalize_plan(C, sources)
+    finalize_kernel[fin.grid](
+        stack, sources, C, num_batches_tracked if has_counter else unused,
+        dbn_mean if has_dbn else unused, dbn_std if has_dbn else unused,
+        running_mean if has_running else unused, running_var if has_running else unused,
+        unused if weight is None else weight, unused if bias is None else bias,
+        mean, invstd, batch_mean, batch_invstd, alpha, coef,
+        0.0 if momentum is None else float(momentum), float(eps), float(alpha_scale),
+        float(alpha_power), float(alpha_offset),
+        HAS_COUNTER=has_counter, HAS_DBN=has_dbn, HAS_RUNNING=has_running,
+        CUMULATIVE=momentum is None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, BLOCK_C=fin.block_c, BLOCK_SPLIT=fin.block_split,
+        EMULATE_RTNE=EMULATE_RTNE, num_warps=fin.num_warps)
+    return mean, invstd, batch_mean, batch_invstd, alpha, coef
 
+
+def _normalize(xk, geo, coef):
+    """Launch 3: y = (x - center) * scale + shift, in ``xk``'s memory order."""
+    ew = elementwise_plan(geo, xk.element_size())
+    y = torch.empty_like(xk)
+    normalize_kernel[ew.grid](
+        xk, y, coef, geo.C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
+        BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
+        INT64=geo.int64, EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+    return y
+
+
+# ---- the passes --------------------------------------------------------------------------------
+
+def batch_stats(x, num_batches_tracked):
+    if needs_reference(x):
+        return reference.batch_stats(x, num_batches_tracked)
+    xk, geo = kernel_input(x)
     with device_guard(x):
-        collect_stats[plan.grid](
-            xk, partial, num_batches_tracked if has_counter else unused, C, geo.S, M,
-            plan.s_blocks, plan.tiles, plan.full_tiles, plan.tiles_per_split,
-            BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, CHANNELS_LAST=geo.channels_last,
-            ALIGN=geo.align, INT64=geo.int64, BUMP_COUNTER=has_counter, num_warps=plan.num_warps)
-        finalize[fin.grid](
-            partial, plan.splits, C, num_batches_tracked if has_counter else unused,
-            dbn_mean if has_dbn else unused, dbn_std if has_dbn else unused,
-            running_mean if has_running else unused, running_var if has_running else unused,
-            unused if weight is None else weight, unused if bias is None else bias,
-            mean, invstd, batch_mean, batch_invstd, alpha, affine,
-            float(M), M / (M - 1) if M > 1 else float("inf"),
-            0.0 if momentum is None else float(momentum), float(eps), float(alpha_scale),
-            float(alpha_power), float(alpha_offset),
-            HAS_COUNTER=has_counter, HAS_DBN=has_dbn, HAS_RUNNING=has_running,
-            CUMULATIVE=momentum is None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, BLOCK_C=fin.block_c, BLOCK_SPLIT=fin.block_split,
-            EMULATE_RTNE=EMULATE_RTNE, num_warps=fin.num_warps)
-        normalize[ew.grid](
-            xk, y, affine, C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
-            BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
-            INT64=geo.int64, EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+        return merge(_collect_stats(xk, geo, num_batches_tracked), stats=True)
+
+
+def finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+             num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+    if stats.dtype == torch.float64 or not _in_place_ok(running_mean, running_var, dbn_mean,
+                                                        dbn_std):
+        return reference.finalize(stats, weight, bias, running_mean, running_var, dbn_mean,
+                                  dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
+                                  alpha_power, alpha_offset)
+    with device_guard(stats):
+        return _finalize(stats.contiguous(), weight, bias, running_mean, running_var, dbn_mean,
+                         dbn_std, num_batches_tracked, momentum, eps, alpha_scale, alpha_power,
+                         alpha_offset)
+
+
+def normalize(x, coef):
+    if needs_reference(x):
+        return reference.normalize(x, coef)
+    xk, geo = kernel_input(x)
+    with device_guard(x):
+        y = _normalize(xk, geo, coef.to(torch.float32).contiguous())
+    return y if xk is x else as_promised(y, x)
+
+
+# ---- fused compositions ------------------------------------------------------------------------
+
+def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+    """batch_stats -> finalize -> normalize, with the splits merged in finalize: 3 launches."""
+    if needs_reference(x) or not _in_place_ok(running_mean, running_var, dbn_mean, dbn_std):
+        # buffers that are not dense vectors are the reference's job too
+        return reference.train_forward(x, weight, bias, running_mean, running_var, dbn_mean,
+                                       dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
+                                       alpha_power, alpha_offset)
+    if ((dbn_mean is not None or (running_mean is not None and momentum is None))
+            and num_batches_tracked is None):
+        raise ValueError("num_batches_tracked is required for DBN statistics or momentum=None")
+    xk, geo = kernel_input(x)
+    with device_guard(x):
+        stack = _collect_stats(xk, geo, num_batches_tracked)
+        mean, invstd, batch_mean, batch_invstd, alpha, coef = _finalize(
+            stack, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+            num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset)
+        y = _normalize(xk, geo, coef)
     if xk is not x:
         y = as_promised(y, x)
     return y, mean, invstd, batch_mean, batch_invstd, alpha
 
 
 def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
-    if x.dtype == torch.float64 or x.numel() == 0:
+    if needs_reference(x):
         return reference.eval_forward(x, weight, bias, mean, spread, eps, spread_is_std)
     xk, geo = kernel_input(x)
     weight, bias = _per_channel(weight), _per_channel(bias)
@@ -289,7 +336,7 @@ def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
     y = torch.empty_like(xk)
     invstd = torch.empty(geo.C, dtype=torch.float32, device=x.device)
     with device_guard(x):
-        eval_normalize[ew.grid](
+        eval_normalize_kernel[ew.grid](
             xk, y, mean, spread, invstd if weight is None else weight,
             invstd if bias is None else bias, invstd, float(eps), geo.C, geo.S, ew.extent_a,
             ew.b_blocks, BLOCK_A=ew.block_a, BLOCK_B=ew.block_b,

@@ -113,6 +113,12 @@ def _geometry(shape: tuple[int, ...], strides: tuple[int, ...]) -> Geometry | No
     return None
 
 
+def needs_reference(x: torch.Tensor) -> bool:
+    """Inputs the reference backend computes instead: float64 (the kernels accumulate in
+    float32) and empty tensors (the layers never pass them; nothing to launch)."""
+    return x.dtype == torch.float64 or x.numel() == 0
+
+
 def kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
     """``x`` as the kernels read it: unchanged for the two dense orders, else a dense copy.
 
