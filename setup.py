@@ -22,12 +22,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 # The Triton kernels live in top-level triton_kernels/ but install as dbn_kernels.triton_kernels:
-# the bare name belongs to another PyPI package. The CUDA sources ship as package data of
-# dbn_kernels.csrc so that an install without the compiled extension can build it on first use.
+# the bare name belongs to another PyPI package. The benchmark's source lives in bench/, beside its
+# recorded results, and installs as dbn_kernels.benchmark (dbn-bench); only bench/'s own modules
+# are the package: the pytest-benchmark suite (bench/suite/) and the results have no __init__.py.
+# The CUDA sources ship as package data of dbn_kernels.csrc so that an install without the
+# compiled extension can build it on first use.
 PACKAGES = sorted(set(find_packages(include=["dbn_kernels", "dbn_kernels.*"]))
-                  | {"dbn_kernels.triton_kernels", "dbn_kernels.csrc"})
+                  | {"dbn_kernels.triton_kernels", "dbn_kernels.benchmark", "dbn_kernels.csrc"})
 PACKAGE_DIR = {"dbn_kernels": "dbn_kernels", "dbn_kernels.triton_kernels": "triton_kernels",
-               "dbn_kernels.csrc": "csrc"}
+               "dbn_kernels.benchmark": "bench", "dbn_kernels.csrc": "csrc"}
 PACKAGE_DATA = {"dbn_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]}
 
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # -lineinfo: source lines in Nsight Compute, no cost

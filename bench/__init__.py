@@ -3,7 +3,7 @@
 One file per concept:
 
 * ``shapes``      the suites (which tensors), the modes and the byte model;
-* ``oracle``      random inputs of one case and their float64 expected outputs;
+* ``cases``       random inputs of one case and their float64 expected outputs;
 * ``providers``   every implementation that can be timed, with its availability;
 * ``timing``      CUDA-event (or, on CPU, interleaved perf_counter_ns) medians, noise flag;
 * ``runner``      check every provider against the oracle, then time it: one row per result;
@@ -15,5 +15,7 @@ One file per concept:
 * ``gpu_check_plan`` the stages of ``bench/gpu_check.sh``: case counts and a GPU-time estimate;
 * ``summary``     SUMMARY.md of a ``bench/gpu_check.sh`` run, against the project's goals.
 
-Nothing here is imported by ``import dbn_kernels``: the benchmark is opt-in.
+The source lives in ``bench/`` and installs as ``dbn_kernels.benchmark`` (setup.py's
+``package_dir``); ``bench/suite/`` (the pytest-benchmark suite) and ``bench/results/`` are not part
+of the package. Nothing here is imported by ``import dbn_kernels``: the benchmark is opt-in.
 """

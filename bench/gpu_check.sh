@@ -231,14 +231,14 @@ define_stages() {
         --layout nhwc --providers "$MODEL_VARIANTS"
     bench_stage compile 50 required --suite resnet50 --batch 64 --shapes "$COMPILE_SHAPES" \
         --dtype bfloat16 --layout nhwc --mode fwd-bwd --providers torch-compile --budget-ms 20
-    if [[ -f dbn_kernels/benchmark/host_overhead.py ]]; then
+    if [[ -f bench/host_overhead.py ]]; then
         # 10 rounds x 100 calls x 3 modes x 5 providers at ~0.3 ms a call on this machine's
         # host: ~5 s (the CPU defaults, 30 x 200, ran past 25 s on an H200's host).
         stage host-overhead 25 required "${PYRUN[@]}" -m dbn_kernels.benchmark.host_overhead \
             --rounds 10 --calls 100 --json "$OUTDIR/host-overhead.json"
     elif [[ $ACTION == run ]]; then
         skip_stage host-overhead 25 \
-            "dbn_kernels/benchmark/host_overhead.py is not in this checkout" optional
+            "bench/host_overhead.py is not in this checkout" optional
     fi
     # Batch 256 in the time the stages above leave (each usually ends well inside its box).
     bench_stage kernels-bf16-b256 70 optional --suite resnet50 --batch 256 --dtype bfloat16 \
@@ -275,7 +275,7 @@ dry_run_stages() {
         --model resnet50 --batch 4 --image-size 32 --dtype float32 --layout nchw \
         --providers torch,reference-bn,reference-dbn --no-progress \
         --json "$OUTDIR/cpu-train-step.json"
-    if [[ -f dbn_kernels/benchmark/host_overhead.py ]]; then
+    if [[ -f bench/host_overhead.py ]]; then
         run_stage cpu-host-overhead 30 required "${PYRUN[@]}" \
             -m dbn_kernels.benchmark.host_overhead --device cpu --rounds 3 --calls 20 \
             --warmup 5 --json "$OUTDIR/host-overhead.json"
@@ -377,8 +377,17 @@ BUILD=(env "TORCH_CUDA_ARCH_LIST=$ARCH" "MAX_JOBS=$JOBS" DBN_KERNELS_REQUIRE_CUD
        "$PY" -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps
        -e .)
 # The planner runs before the build stage has installed the package: from the checkout (pure
-# Python, standard library and dbn-bench's argument parser).
-PLAN=(env "PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}" "${PYRUN[@]}" -m dbn_kernels.benchmark.gpu_check_plan "$OUTDIR/plan.tsv"
+# Python, standard library and dbn-bench's argument parser). PYTHONPATH finds the checkout's
+# dbn_kernels/, but dbn_kernels.benchmark is bench/ (setup.py's package_dir), which only an
+# install maps: this line maps it the same way, then runs the module named after it. One line,
+# as plan.tsv holds each stage's command on one line.
+FROM_CHECKOUT='import importlib.util, runpy, sys; import dbn_kernels; '\
+'spec = importlib.util.spec_from_file_location("dbn_kernels.benchmark", sys.argv.pop(1)); '\
+'sys.modules[spec.name] = dbn_kernels.benchmark = importlib.util.module_from_spec(spec); '\
+'spec.loader.exec_module(dbn_kernels.benchmark); '\
+'runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)'
+PLAN=(env "PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}" "${PYRUN[@]}" -c "$FROM_CHECKOUT"
+      "$PWD/bench/__init__.py" dbn_kernels.benchmark.gpu_check_plan "$OUTDIR/plan.tsv"
       --limit-s "$((LIMIT_S - RESERVE_S))" --json "$OUTDIR/plan.json")
 SUMMARY=("${PYRUN[@]}" -m dbn_kernels.benchmark.summary "$OUTDIR")
 

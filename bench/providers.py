@@ -13,7 +13,7 @@ Providers (``--providers`` takes these names):
   afresh for every case so each shape gets kernels specialised to it (torch.compile's best case).
 
 A provider's ``setup(inputs, mode)`` returns a function that performs one call in that mode and
-returns its outputs by name (see ``oracle.expected_outputs``); the first call starts from the
+returns its outputs by name (see ``cases.expected_outputs``); the first call starts from the
 case's initial state, so its outputs can be checked before anything is timed. Calls happen as a
 user makes them: modules through autograd, backward through ``torch.autograd.grad``, inference
 under ``torch.no_grad``.
@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import backends
 from ..modules import BatchNorm2d, DiminishingBatchNorm2d
-from .oracle import ALPHA, EPS, MOMENTUM, STEPS_BEFORE, CaseInputs
+from .cases import ALPHA, EPS, MOMENTUM, STEPS_BEFORE, CaseInputs
 
 Outputs = dict[str, torch.Tensor]
 Call = Callable[[], Outputs]

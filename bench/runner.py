@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .oracle import CaseInputs, compare, expected_outputs, make_inputs
+from .cases import CaseInputs, compare, expected_outputs, make_inputs
 from .providers import Call, Provider, Unsupported
 from .shapes import DTYPES, Shape, bytes_moved
 from .timing import CallFailed, Timer, Timing

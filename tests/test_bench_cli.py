@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dbn_kernels.benchmark.cli import main
-from dbn_kernels.benchmark.oracle import CaseInputs
+from dbn_kernels.benchmark.cases import CaseInputs
 from dbn_kernels.benchmark.providers import Provider, Unsupported, all_providers
 from dbn_kernels.benchmark.report import kernel_table
 from dbn_kernels.benchmark.runner import Row, add_speedups, run_benchmark
@@ -276,7 +276,7 @@ def test_cpu_threads_default_and_restored(tmp_path):
 def test_dbn_state_differs_from_plain_batch_norm():
     """The DBN providers are checked at a_k = 0.25 (not the k = 1 step, which is plain BN): the
     plain providers' answer must fail the DBN check."""
-    from dbn_kernels.benchmark.oracle import compare, expected_outputs, make_inputs
+    from dbn_kernels.benchmark.cases import compare, expected_outputs, make_inputs
 
     inputs = make_inputs(Shape((4, 8, 4, 4)), torch.float32, "nchw", torch.device("cpu"), 1)
     plain = expected_outputs(inputs, "bn", "train-fwd")

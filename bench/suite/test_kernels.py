@@ -2,8 +2,8 @@
 
 Not part of the CI run (pytest's ``testpaths`` is ``tests/``); run it explicitly, e.g.
 
-    pytest bench/ --benchmark-only --benchmark-save=h100 -k "resnet or quick"
-    pytest bench/ --benchmark-only --benchmark-compare      # against the last saved run
+    pytest bench/suite/ --benchmark-only --benchmark-save=h100 -k "resnet or quick"
+    pytest bench/suite/ --benchmark-only --benchmark-compare  # against the last saved run
 
 ``DBN_BENCH_SUITE`` (quick | resnet50 | sweep, default quick) and ``DBN_BENCH_DTYPE`` (default
 float32) choose the cases. pytest-benchmark times with the host clock, so each call is followed by
@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 
-from dbn_kernels.benchmark.oracle import compare, expected_outputs, make_inputs
+from dbn_kernels.benchmark.cases import compare, expected_outputs, make_inputs
 from dbn_kernels.benchmark.providers import Unsupported, all_providers
 from dbn_kernels.benchmark.shapes import DTYPES, LAYOUTS, MODES, bytes_moved, suite_shapes
 
