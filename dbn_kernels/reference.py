@@ -166,7 +166,7 @@ def backward_reduce(grad_y, x, mean):
 
 def backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alpha, grad_through_stats,
                       input_grad):
-    n, sum_dy, sum_dy_xc = sums.sum(0)
+    n, sum_dy, sum_dy_xc = (sums[:, row].sum(0) for row in range(3))  # not views: outputs
     grad_weight = sum_dy_xc * invstd
     C = sums.shape[-1]
     if not input_grad:

@@ -104,7 +104,7 @@ def finalize_kernel(stack_ptr, sources, C, counter_ptr, dbn_mean_ptr, dbn_std_pt
     keep = c < C
     mean, m2, n = merge_stats(stack_ptr, sources, C, c, keep, BLOCK_SPLIT)
     # n is the stack's total count, read on the device: another process's batch may be in it.
-    n = tl.where(keep, n, 1.0)  # lanes past C: no 0 / 0
+    n = tl.where(keep, n, 2.0)  # lanes past C: no 0 / 0 below
     var = m2 / n
     std = tl.sqrt_rn(var + eps)
     batch_invstd = 1.0 / std
