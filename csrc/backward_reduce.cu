@@ -1,4 +1,4 @@
-// Backward, pass 1: per-(channel, split) partial sums of dy and dy * (x - mean).
+// Backward, pass 1: per-(split, channel) partial sums of dy and dy * (x - mean).
 #include "reduce_common.cuh"
 
 namespace dbn {
@@ -8,7 +8,7 @@ void launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const flo
   DBN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "dbn backward_reduce", [&] {
     const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
     const auto* gp = static_cast<const scalar_t*>(dy.const_data_ptr());
-    launch_reduce<scalar_t, GradSumOp>(xp, gp, mean, plan, part, stream);
+    launch_reduce<scalar_t, GradSumOp>(xp, gp, mean, plan, part, nullptr, stream);
   });
 }
 

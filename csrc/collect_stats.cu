@@ -1,13 +1,14 @@
-// Training forward, pass 1: per-(channel, split) Welford partial statistics of x.
+// Training forward, pass 1: per-(split, channel) Welford partial statistics of x, and the step
+// counted (num_batches_tracked).
 #include "reduce_common.cuh"
 
 namespace dbn {
 
 void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* part,
-                          cudaStream_t stream) {
+                          int64_t* counter, cudaStream_t stream) {
   DBN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "dbn collect_stats", [&] {
     const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
-    launch_reduce<scalar_t, WelfordOp>(xp, nullptr, nullptr, plan, part, stream);
+    launch_reduce<scalar_t, WelfordOp>(xp, nullptr, nullptr, plan, part, counter, stream);
   });
 }
 

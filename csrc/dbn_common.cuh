@@ -29,7 +29,7 @@
 namespace dbn {
 
 // ---- dtype dispatch over the input dtypes the kernels compile for -----------------------------
-// float64 never reaches a kernel: binding.cpp routes it to the reference backend.
+// float64 never reaches a kernel: the op launchers route it to the reference backend.
 #define DBN_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                   \
   [&] {                                                                             \
     switch (TYPE) {                                                                 \
@@ -77,19 +77,23 @@ __device__ __forceinline__ void store_from_float(T* __restrict__ p, const float 
 }
 
 // ---- per-channel tensors whose dtype is only known at run time --------------------------------
-__device__ __forceinline__ float load_param(const void* p, int dt, int64_t i) {
-  switch (dt) {
-    case kParamF16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    case kParamBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
+__device__ __forceinline__ float load_param(const Param& p, int64_t i) {
+  switch (p.dt) {
+    case kParamF16: return static_cast<float>(static_cast<const c10::Half*>(p.ptr)[i]);
+    case kParamBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p.ptr)[i]);
+    default: return static_cast<const float*>(p.ptr)[i];
   }
 }
 
-__device__ __forceinline__ void store_param(void* p, int dt, int64_t i, float v) {
-  switch (dt) {
-    case kParamF16: static_cast<c10::Half*>(p)[i] = static_cast<c10::Half>(v); break;
-    case kParamBF16: static_cast<c10::BFloat16*>(p)[i] = static_cast<c10::BFloat16>(v); break;
-    default: static_cast<float*>(p)[i] = v;
+__device__ __forceinline__ float load_param(const MutableParam& p, int64_t i) {
+  return load_param(Param{p.ptr, p.dt}, i);
+}
+
+__device__ __forceinline__ void store_param(const MutableParam& p, int64_t i, float v) {
+  switch (p.dt) {
+    case kParamF16: static_cast<c10::Half*>(p.ptr)[i] = static_cast<c10::Half>(v); break;
+    case kParamBF16: static_cast<c10::BFloat16*>(p.ptr)[i] = static_cast<c10::BFloat16>(v); break;
+    default: static_cast<float*>(p.ptr)[i] = v;
   }
 }
 
@@ -125,7 +129,9 @@ __device__ __forceinline__ void chan_merge(float& mean, float& m2, float& n, flo
 }
 
 // Accumulators of the split reductions. Each holds kF fields per channel for G channels, adds a
-// batch of R rows x G channels (rows masked by ok), and combines with another state.
+// batch of R rows x G channels (rows masked by ok), and combines with another state. Fields 0
+// and 1 are what a split stores in rows 1 and 2 of its stack entry; row 0, the count, comes from
+// the split's bounds (reduce_common.cuh), not from a per-element tally.
 
 // Forward statistics: fields mean, m2, count. A batch is reduced exactly in registers (two-pass
 // mean and squared deviations) and Chan-merged, so the per-element cost is an add and an FMA and
@@ -197,10 +203,22 @@ struct GradSumOp {
   }
 };
 
-template <class Op>
-__device__ __forceinline__ void combine_fields(float (&a)[Op::kF], const float (&b)[Op::kF]) {
-  Op::combine(a, b);
-}
+// Merges of the sources of a (P, 3, C) stack (kStackRows), fields (count, mean, M2) ...
+struct StatsMergeOp {
+  static constexpr int kF = kStackRows;
+  __device__ __forceinline__ static void combine(float* a, const float* b) {
+    chan_merge(a[1], a[2], a[0], b[1], b[2], b[0]);
+  }
+};
+
+// ... and (count, sum dy, sum dy * (x - mean)).
+struct SumsMergeOp {
+  static constexpr int kF = kStackRows;
+  __device__ __forceinline__ static void combine(float* a, const float* b) {
+#pragma unroll
+    for (int f = 0; f < kF; ++f) a[f] += b[f];
+  }
+};
 
 // Fixed-order tree over a warp: lane 0 ends with the merge of all 32 lanes' states.
 template <class Op>
@@ -231,6 +249,26 @@ __device__ __forceinline__ void block_reduce_1d(float (&st)[Op::kF]) {
     for (int f = 0; f < Op::kF; ++f) st[f] = lane < kWarps ? sm[f][lane] : 0.f;
     warp_reduce<Op>(st);
   }
+}
+
+
+// Channel c of a (P, 3, C) stack merged by one warp: lane l folds sources l, l + 32, ... in
+// ascending order, then the fixed shuffle tree; lane 0 ends with the result. The fold and the
+// tree are the same for every caller, so merging a stack in two steps (merge kernel, then
+// finalize of the one merged source) gives the bits of merging it in one.
+template <class MergeOp>
+__device__ __forceinline__ void warp_merge_sources(const float* __restrict__ stack,
+                                                   int64_t sources, int64_t C, int64_t c,
+                                                   float (&st)[kStackRows]) {
+#pragma unroll
+  for (int f = 0; f < kStackRows; ++f) st[f] = 0.f;
+  for (int64_t p = threadIdx.x & 31; p < sources; p += 32) {
+    float src[kStackRows];
+#pragma unroll
+    for (int f = 0; f < kStackRows; ++f) src[f] = stack[(p * kStackRows + f) * C + c];
+    MergeOp::combine(st, src);
+  }
+  warp_reduce<MergeOp>(st);
 }
 
 }  // namespace dbn

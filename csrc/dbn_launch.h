@@ -1,5 +1,5 @@
-// Host-side interface between binding.cpp (op registration, checks, planning) and the kernels in
-// the .cu files. Plain structs and launcher declarations only: no device code, so binding.cpp is
+// Host-side interface between the op launchers (ops_*.cpp, planning.cpp) and the kernels in the
+// .cu files. Plain structs and launcher declarations only: no device code, so the host files are
 // compiled by the host compiler and each .cu file is one nvcc translation unit.
 #pragma once
 
@@ -19,8 +19,26 @@ namespace dbn {
 
 constexpr int kThreads = 256;  // every kernel's block size
 
+// Rows of a statistics or sums stack (P, 3, C): stack[(p * kStackRows + row) * C + c]. Row 0 is
+// the number of values source p covered; rows 1 and 2 are (mean, M2) for statistics and
+// (sum dy, sum dy * (x - mean)) for sums. The split reductions write their per-CTA partial
+// results in this layout too, so finalize merges them like any other stack.
+constexpr int kStackRows = 3;
+
 // dtype codes of per-channel tensors (weight, bias, buffers): float32 or the input's dtype.
 enum ParamDType : int { kParamF32 = 0, kParamF16 = 1, kParamBF16 = 2 };
+
+// A per-channel tensor whose dtype is known only at run time; a null pointer means absent.
+struct Param {
+  const void* ptr = nullptr;
+  int dt = kParamF32;
+};
+
+// The same, written in place (the running and DBN buffers).
+struct MutableParam {
+  void* ptr = nullptr;
+  int dt = kParamF32;
+};
 
 // 32-bit division by a runtime constant with a multiply and a shift (Granlund-Montgomery), valid
 // for dividends and divisors below 2^31. Built on the host, used on the device.
@@ -43,9 +61,8 @@ struct Geometry {
   bool channels_last = false;
 };
 
-// Grid of the split (M x C) reductions: partial results per (channel, split), merged in a fixed
-// order by the finalize kernels. Partials are stored field-major, channel-major:
-// part[(field * C + c) * splits + split].
+// Grid of the split (M x C) reductions: one partial result per (split, channel), stored as a
+// (splits, 3, C) stack (kStackRows) that finalize merges in a fixed order.
 struct ReducePlan {
   Geometry g;
   // Elements per load. NCS: the largest power of two (at most 16 bytes) that divides S and the
@@ -65,10 +82,10 @@ struct ReducePlan {
 
 // Per-channel float32 coefficients of the element-wise pass (null pointers read as 0):
 //   out = (in0 - k0[c]) * p0[c] + ((in1 - k1[c]) * p1[c] + p2[c])      (in1 term only with in1)
-// Normalize: in0 = x, k0 = mu, p0 = gamma/sigma, p2 = beta. Backward: in0 = dy, p0 = A, in1 = x,
-// k1 = m_B, p1 = B, p2 = C. Centering before scaling keeps |mean| >> std inputs accurate (the
-// folded x * scale + shift would lose the low bits of shift = -mean * scale).
-struct AffineCoefs {
+// Normalize: in0 = x, k0 = center, p0 = scale, p2 = shift. Backward: in0 = dy, p0 = A, in1 = x,
+// k1 = center (m_B), p1 = B, p2 = shift. Centering before scaling keeps |mean| >> std inputs
+// accurate (the folded x * scale + shift would lose the low bits of shift = -mean * scale).
+struct ElementwiseCoefs {
   const float* k0 = nullptr;
   const float* p0 = nullptr;
   const float* k1 = nullptr;
@@ -86,7 +103,7 @@ struct AffineCoefs {
 //   across = true (NSC, C % width == 0): element e of a vector is channel c0 + e, c0 = i % C a
 //     multiple of width; its coefficients are loaded as float vectors too (min(width, 4) floats,
 //     so every coefficient pointer is aligned to that many floats).
-struct AffinePlan {
+struct ElementwisePlan {
   Geometry g;
   int width = 1;
   bool across = false;
@@ -96,63 +113,65 @@ struct AffinePlan {
   FastDiv div_inner, div_c; // element -> channel for the 32-bit path
 };
 
-struct FinalizeTrainArgs {
-  const float* part = nullptr;  // 3 fields: mean, m2, count
-  int splits = 1;
-  int64_t C = 0;
-  float M = 0.f;                // values per channel
+// The scalars of a DBN step (the op's float arguments).
+struct StepScalars {
   float eps = 0.f;
-  float unbias = 0.f;           // M / (M - 1)
-  bool has_momentum = false;
+  bool has_momentum = false;  // false: cumulative average, f = 1 / k
   float momentum = 0.f;
   float alpha_scale = 1.f, alpha_power = 0.f, alpha_offset = 0.f;
-  const int64_t* num_batches_tracked = nullptr;  // read here, incremented by the normalize pass
-  void* running_mean = nullptr; int running_mean_dt = 0;
-  void* running_var = nullptr;  int running_var_dt = 0;
-  void* dbn_mean = nullptr;     int dbn_mean_dt = 0;
-  void* dbn_std = nullptr;      int dbn_std_dt = 0;
-  const void* weight = nullptr; int weight_dt = 0;
-  const void* bias = nullptr;   int bias_dt = 0;
-  float* out_mean = nullptr;
-  float* out_invstd = nullptr;
-  float* out_batch_mean = nullptr;
-  float* out_batch_invstd = nullptr;
-  float* out_alpha = nullptr;
-  float* scale = nullptr;       // per channel, for the normalize pass: gamma / sigma_k
-  float* shift = nullptr;       // beta (0 without bias); the center mu_k is out_mean
+};
+
+// The saved tensors (float32): mu_k, 1/sig_k, m_B, 1/s_B per channel and a_k.
+struct SavedPtrs {
+  float* mean = nullptr;
+  float* invstd = nullptr;
+  float* batch_mean = nullptr;
+  float* batch_invstd = nullptr;
+  float* alpha = nullptr;
+};
+
+struct FinalizeArgs {
+  const float* stats = nullptr;  // (sources, 3, C) rows count, mean, M2
+  int64_t sources = 0;
+  int64_t C = 0;
+  StepScalars step;
+  const int64_t* num_batches_tracked = nullptr;  // k, already incremented by collect_stats
+  MutableParam running_mean, running_var, dbn_mean, dbn_std;
+  Param weight, bias;
+  SavedPtrs out;
+  float* coef = nullptr;  // (3, C): center mu_k, scale gamma / sig_k, shift beta (0 without bias)
 };
 
 struct EvalPrepareArgs {
   int64_t C = 0;
-  const void* mean = nullptr;   int mean_dt = 0;
-  const void* spread = nullptr; int spread_dt = 0;
-  const void* weight = nullptr; int weight_dt = 0;
-  const void* bias = nullptr;   int bias_dt = 0;
+  Param mean, spread, weight, bias;
   float eps = 0.f;
   bool spread_is_std = true;
   float* out_invstd = nullptr;
-  float* scale = nullptr;       // gamma / sigma
-  float* shift = nullptr;       // beta (0 without bias)
-  float* center = nullptr;      // mean, as float32
+  float* coef = nullptr;  // (3, C): center (mean as float32), scale gamma / sigma, shift beta
 };
 
-struct FinalizeBackwardArgs {
-  const float* part = nullptr;  // 2 fields: sum(dy), sum(dy * (x - mean))
-  int splits = 1;
-  int64_t C = 0;
-  float M = 0.f;
+// The saved tensors the backward reads (float32 copies).
+struct SavedConstPtrs {
   const float* invstd = nullptr;
   const float* batch_mean = nullptr;
   const float* batch_invstd = nullptr;
-  const float* alpha = nullptr; // read only when grad_through_stats
-  const void* weight = nullptr; int weight_dt = 0;
+  const float* alpha = nullptr;  // read only when grad_through_stats
+};
+
+struct FinalizeBackwardArgs {
+  const float* sums = nullptr;  // (sources, 3, C) rows count, sum dy, sum dy * (x - mean)
+  int64_t sources = 0;
+  int64_t C = 0;
+  Param weight;
+  SavedConstPtrs saved;
   bool grad_through_stats = false;
   bool input_grad = false;
   float* grad_weight = nullptr;
   float* grad_bias = nullptr;
-  float* coef_a = nullptr;      // dx = A*dy + B*(x - m_B) + C (A*dy + B*x + C, centered)
-  float* coef_b = nullptr;
-  float* coef_c = nullptr;
+  // (4, C) rows A, center m_B, B, shift with grad_through_stats, (1, C) row A without, unwritten
+  // without input_grad: dx = A * dy + (B * (x - center) + shift).
+  float* coef = nullptr;
 };
 
 // Resident CTAs per SM of the reduction kernels (occupancy on the current device, cached), for
@@ -160,16 +179,24 @@ struct FinalizeBackwardArgs {
 int collect_stats_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width);
 int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width);
 
-// Launchers (each launch is checked with C10_CUDA_KERNEL_LAUNCH_CHECK, see DBN_LAUNCH).
+// Launchers (each launch is checked with C10_CUDA_KERNEL_LAUNCH_CHECK, see DBN_LAUNCH). Partials
+// are (plan.splits, 3, C) stacks. collect_stats increments *counter (when not null) once: it is
+// the first launch of a step, and finalize, the next, reads the incremented k.
 void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* part,
-                          cudaStream_t stream);
+                          int64_t* counter, cudaStream_t stream);
 void launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const float* mean,
                             const ReducePlan& plan, float* part, cudaStream_t stream);
-void launch_finalize_train(const FinalizeTrainArgs& args, cudaStream_t stream);
+// Merge a (sources, 3, C) stack into one source (3, C): Chan's formula for statistics, sums for
+// sums; the same fixed order as finalize, so finalize of the merged source equals finalize of
+// the stack bitwise.
+void launch_merge_stats(const float* stack, int64_t sources, int64_t C, float* out,
+                        cudaStream_t stream);
+void launch_merge_sums(const float* stack, int64_t sources, int64_t C, float* out,
+                       cudaStream_t stream);
+void launch_finalize(const FinalizeArgs& args, cudaStream_t stream);
 void launch_eval_prepare(const EvalPrepareArgs& args, cudaStream_t stream);
 void launch_finalize_backward(const FinalizeBackwardArgs& args, cudaStream_t stream);
-void launch_channel_affine(const AffinePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
-                           at::Tensor& out, const AffineCoefs& coefs, int64_t* counter,
-                           cudaStream_t stream);
+void launch_elementwise(const ElementwisePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
+                        at::Tensor& out, const ElementwiseCoefs& coefs, cudaStream_t stream);
 
 }  // namespace dbn

@@ -1,10 +1,10 @@
 // The element-wise passes: out = (in0 - k0[c]) * p0[c] + ((in1 - k1[c]) * p1[c] + p2[c]) with
-// per-channel fp32 coefficients computed by the finalize kernels (AffineCoefs):
-//   normalize / eval:  y  = (x - mu) * scale + beta            (a subtract and an FMA)
-//   backward:          dx = dy * A + ((x - m_B) * B + C)       (dy * A when a_g = 0: x not read)
+// per-channel fp32 coefficients computed by the finalize kernels (ElementwiseCoefs):
+//   normalize / eval:  y  = (x - center) * scale + shift       (a subtract and an FMA)
+//   backward:          dx = dy * A + ((x - m_B) * B + shift)   (dy * A when a_g = 0: x not read)
 //
 // One grid-stride kernel per (dtype, index width, access width U, across), chosen on the host
-// (AffinePlan, dbn_launch.h):
+// (ElementwisePlan, dbn_launch.h):
 //   across = false: each U-element vector takes its channel from its first element; NCS vectors
 //     may cross one channel boundary (U <= S), so any S >= 8 gets 16-byte accesses; U = 1 is the
 //     scalar path of both layouts;
@@ -28,30 +28,29 @@ namespace {
 template <typename T, int U>
 constexpr int unroll_for() { return U == VecWidth<T>::value ? 2 : 4; }
 
-struct AffineArgs {
+struct ElementwiseArgs {
   const void* in0;
   const void* in1;  // may be null
   void* out;
-  AffineCoefs k;    // null coefficient pointers read as 0
-  int64_t* counter; // incremented once (num_batches_tracked), may be null
+  ElementwiseCoefs k;  // null coefficient pointers read as 0
 };
 
 // Row q = i / inner of element i and its channel q % C.
-__device__ __forceinline__ uint32_t channel_of(uint32_t i, const AffinePlan& p, uint32_t& q) {
+__device__ __forceinline__ uint32_t channel_of(uint32_t i, const ElementwisePlan& p, uint32_t& q) {
   q = fast_div(p.div_inner, i);
   return q - fast_div(p.div_c, q) * p.div_c.divisor;
 }
 
-__device__ __forceinline__ uint64_t channel_of(uint64_t i, const AffinePlan& p, uint64_t& q) {
+__device__ __forceinline__ uint64_t channel_of(uint64_t i, const ElementwisePlan& p, uint64_t& q) {
   q = i / static_cast<uint64_t>(p.inner);
   return q % static_cast<uint64_t>(p.g.C);
 }
 
-__device__ __forceinline__ uint32_t mod_c(uint32_t i, const AffinePlan& p) {
+__device__ __forceinline__ uint32_t mod_c(uint32_t i, const ElementwisePlan& p) {
   return i - fast_div(p.div_c, i) * p.div_c.divisor;
 }
 
-__device__ __forceinline__ uint64_t mod_c(uint64_t i, const AffinePlan& p) {
+__device__ __forceinline__ uint64_t mod_c(uint64_t i, const ElementwisePlan& p) {
   return i % static_cast<uint64_t>(p.g.C);
 }
 
@@ -61,7 +60,7 @@ struct Coef {
 };
 
 template <typename I>
-__device__ __forceinline__ Coef coef_at(const AffineCoefs& k, I c, bool has_in1) {
+__device__ __forceinline__ Coef coef_at(const ElementwiseCoefs& k, I c, bool has_in1) {
   Coef q;
   q.k0 = k.k0 != nullptr ? k.k0[c] : 0.f;
   q.s0 = k.p0[c];
@@ -72,7 +71,8 @@ __device__ __forceinline__ Coef coef_at(const AffineCoefs& k, I c, bool has_in1)
 }
 
 // v1 is read only with in1 (by reference: without in1 it is never initialised).
-__device__ __forceinline__ float affine1(float v0, const float& v1, const Coef& q, bool has_in1) {
+__device__ __forceinline__ float apply_coef(float v0, const float& v1, const Coef& q,
+                                            bool has_in1) {
   const float r = has_in1 ? fmaf(v1 - q.k1, q.s1, q.s2) : q.s2;
   return fmaf(v0 - q.k0, q.s0, r);
 }
@@ -95,14 +95,15 @@ __device__ __forceinline__ void load_coefs(const float* p, I c0, float (&out)[U]
 }
 
 template <typename T, typename I, int U, bool ACROSS>
-__device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePlan& p) {
+__device__ __forceinline__ void elementwise_loop(const ElementwiseArgs& a,
+                                                 const ElementwisePlan& p) {
   const T* __restrict__ in0 = static_cast<const T*>(a.in0);
   const T* __restrict__ in1 = static_cast<const T*>(a.in1);
   T* __restrict__ out = static_cast<T*>(a.out);
   const I units = static_cast<I>(p.g.numel) / U;
   constexpr int kUnroll = unroll_for<T, U>();
   const I step = static_cast<I>(gridDim.x) * kThreads * kUnroll;
-  const AffineCoefs& k = a.k;
+  const ElementwiseCoefs& k = a.k;
   const bool has_in1 = in1 != nullptr;
   for (I base = static_cast<I>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < units;
        base += step) {
@@ -148,7 +149,7 @@ __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePla
         const I room = (q + 1) * static_cast<I>(p.inner) - i;
         if (U == 1 || room >= static_cast<I>(U)) {
 #pragma unroll
-          for (int e = 0; e < U; ++e) o[e] = affine1(v0[r][e], v1[r][e], lo, has_in1);
+          for (int e = 0; e < U; ++e) o[e] = apply_coef(v0[r][e], v1[r][e], lo, has_in1);
         } else {
           const I c_next = c + 1 == static_cast<I>(p.g.C) ? I(0) : c + 1;
           const Coef hi = coef_at(k, c_next, has_in1);
@@ -157,7 +158,7 @@ __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePla
             const bool first = static_cast<I>(e) < room;  // selects, not a local-memory struct
             const Coef cf{first ? lo.k0 : hi.k0, first ? lo.s0 : hi.s0, first ? lo.k1 : hi.k1,
                           first ? lo.s1 : hi.s1, first ? lo.s2 : hi.s2};
-            o[e] = affine1(v0[r][e], v1[r][e], cf, has_in1);
+            o[e] = apply_coef(v0[r][e], v1[r][e], cf, has_in1);
           }
         }
       }
@@ -169,7 +170,8 @@ __device__ __forceinline__ void affine_loop(const AffineArgs& a, const AffinePla
 // The numel % U elements after the last whole vector (across = false with U > 1 only), one per
 // thread of the first threads of the grid.
 template <typename T, typename I, int U>
-__device__ __forceinline__ void affine_tail(const AffineArgs& a, const AffinePlan& p) {
+__device__ __forceinline__ void elementwise_tail(const ElementwiseArgs& a,
+                                                 const ElementwisePlan& p) {
   const I start = static_cast<I>(p.g.numel) / U * U;
   const I i = start + static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= static_cast<I>(p.g.numel)) return;
@@ -178,43 +180,44 @@ __device__ __forceinline__ void affine_tail(const AffineArgs& a, const AffinePla
   const Coef cf = coef_at(a.k, channel_of(i, p, q), has_in1);
   const float v0 = static_cast<float>(static_cast<const T*>(a.in0)[i]);
   const float v1 = has_in1 ? static_cast<float>(static_cast<const T*>(a.in1)[i]) : 0.f;
-  static_cast<T*>(a.out)[i] = static_cast<T>(affine1(v0, v1, cf, has_in1));
+  static_cast<T*>(a.out)[i] = static_cast<T>(apply_coef(v0, v1, cf, has_in1));
 }
 
 template <typename T, typename I, int U, bool ACROSS>
-__device__ __forceinline__ void affine_body(const AffineArgs& a, const AffinePlan& p) {
-  if (a.counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.counter += 1;
-  affine_loop<T, I, U, ACROSS>(a, p);
-  if constexpr (!ACROSS && U > 1) affine_tail<T, I, U>(a, p);
+__device__ __forceinline__ void elementwise_body(const ElementwiseArgs& a,
+                                                 const ElementwisePlan& p) {
+  elementwise_loop<T, I, U, ACROSS>(a, p);
+  if constexpr (!ACROSS && U > 1) elementwise_tail<T, I, U>(a, p);
 }
 
 template <typename T, typename I, int U, bool ACROSS>
-__global__ void __launch_bounds__(kThreads) channel_affine_kernel(AffineArgs a, AffinePlan p) {
-  affine_body<T, I, U, ACROSS>(a, p);
+__global__ void __launch_bounds__(kThreads)
+elementwise_kernel(ElementwiseArgs a, ElementwisePlan p) {
+  elementwise_body<T, I, U, ACROSS>(a, p);
 }
 
 // 8-element vectors across channels hold up to 5 x 8 coefficients besides the data: unbounded,
 // ptxas takes 86 registers (2 CTAs per SM); bounded to 3 CTAs per SM it fits in 80 without
 // spilling. (A bound on the other instantiations only lets ptxas take more registers.)
 template <typename T, typename I, int U, bool ACROSS>
-__global__ void __launch_bounds__(kThreads, 3) channel_affine_kernel_b3(AffineArgs a,
-                                                                        AffinePlan p) {
-  affine_body<T, I, U, ACROSS>(a, p);
+__global__ void __launch_bounds__(kThreads, 3)
+elementwise_kernel_b3(ElementwiseArgs a, ElementwisePlan p) {
+  elementwise_body<T, I, U, ACROSS>(a, p);
 }
 
 template <typename T, typename I, int U, bool ACROSS>
-constexpr auto affine_kernel() {
+constexpr auto elementwise_kernel_for() {
   if constexpr (ACROSS && U == 8) {
-    return channel_affine_kernel_b3<T, I, U, ACROSS>;
+    return elementwise_kernel_b3<T, I, U, ACROSS>;
   } else {
-    return channel_affine_kernel<T, I, U, ACROSS>;
+    return elementwise_kernel<T, I, U, ACROSS>;
   }
 }
 
 // Resident CTAs per SM of a kernel on the current device (cached per kernel and device): the grid
 // is at most one full wave of them, the grid-stride loop does the rest.
 template <typename T, typename I, int U, bool ACROSS>
-int affine_blocks_per_sm() {
+int elementwise_blocks_per_sm() {
 #ifdef DBN_EMULATION
   return 2048 / kThreads;
 #else
@@ -225,7 +228,7 @@ int affine_blocks_per_sm() {
   int blocks = slot.load(std::memory_order_relaxed);
   if (blocks > 0) return blocks;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, affine_kernel<T, I, U, ACROSS>(), kThreads, 0));
+      &blocks, elementwise_kernel_for<T, I, U, ACROSS>(), kThreads, 0));
   blocks = std::max(blocks, 1);
   slot.store(blocks, std::memory_order_relaxed);
   return blocks;
@@ -233,43 +236,44 @@ int affine_blocks_per_sm() {
 }
 
 template <typename T, typename I, int U, bool ACROSS>
-void launch_affine(const AffinePlan& plan, const AffineArgs& a, cudaStream_t stream) {
+void launch_width(const ElementwisePlan& plan, const ElementwiseArgs& a, cudaStream_t stream) {
   const int64_t units = plan.g.numel / U;
   const int64_t per_block = static_cast<int64_t>(kThreads) * unroll_for<T, U>();
-  const int64_t wave = static_cast<int64_t>(plan.sms) * affine_blocks_per_sm<T, I, U, ACROSS>();
+  const int64_t wave =
+      static_cast<int64_t>(plan.sms) * elementwise_blocks_per_sm<T, I, U, ACROSS>();
   const int blocks =
       static_cast<int>(std::max<int64_t>(1, std::min((units + per_block - 1) / per_block, wave)));
-  const auto kernel = affine_kernel<T, I, U, ACROSS>();
+  const auto kernel = elementwise_kernel_for<T, I, U, ACROSS>();
   DBN_LAUNCH(kernel, blocks, kThreads, stream, a, plan);
 }
 
 // Widths V, V/2 and V/4 (while > 1) for 32-bit indices; V only for 64-bit ones.
 template <typename T, typename I, bool ACROSS>
-void launch_vector(const AffinePlan& plan, const AffineArgs& a, cudaStream_t stream) {
+void launch_vector(const ElementwisePlan& plan, const ElementwiseArgs& a, cudaStream_t stream) {
   constexpr int V = VecWidth<T>::value;
   if (plan.width == V) {
-    launch_affine<T, I, V, ACROSS>(plan, a, stream);
+    launch_width<T, I, V, ACROSS>(plan, a, stream);
     return;
   }
   if constexpr (sizeof(I) == 4) {
     if (plan.width == V / 2) {
-      launch_affine<T, I, V / 2, ACROSS>(plan, a, stream);
+      launch_width<T, I, V / 2, ACROSS>(plan, a, stream);
       return;
     }
     if constexpr (V / 4 > 1) {
       if (plan.width == V / 4) {
-        launch_affine<T, I, V / 4, ACROSS>(plan, a, stream);
+        launch_width<T, I, V / 4, ACROSS>(plan, a, stream);
         return;
       }
     }
   }
-  TORCH_CHECK(false, "dbn channel_affine: no kernel for width ", plan.width);
+  TORCH_CHECK(false, "dbn elementwise: no kernel for width ", plan.width);
 }
 
 template <typename T, typename I>
-void launch_indexed(const AffinePlan& plan, const AffineArgs& a, cudaStream_t stream) {
+void launch_indexed(const ElementwisePlan& plan, const ElementwiseArgs& a, cudaStream_t stream) {
   if (plan.width == 1) {
-    launch_affine<T, I, 1, false>(plan, a, stream);
+    launch_width<T, I, 1, false>(plan, a, stream);
   } else if (plan.across) {
     launch_vector<T, I, true>(plan, a, stream);
   } else {
@@ -279,12 +283,12 @@ void launch_indexed(const AffinePlan& plan, const AffineArgs& a, cudaStream_t st
 
 }  // namespace
 
-void launch_channel_affine(const AffinePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
-                           at::Tensor& out, const AffineCoefs& coefs, int64_t* counter,
-                           cudaStream_t stream) {
-  DBN_DISPATCH_FLOAT_TYPES(in0.scalar_type(), "dbn channel_affine", [&] {
-    const AffineArgs a{in0.const_data_ptr(), in1 != nullptr ? in1->const_data_ptr() : nullptr,
-                       out.data_ptr(), coefs, counter};
+void launch_elementwise(const ElementwisePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
+                        at::Tensor& out, const ElementwiseCoefs& coefs, cudaStream_t stream) {
+  DBN_DISPATCH_FLOAT_TYPES(in0.scalar_type(), "dbn elementwise", [&] {
+    const ElementwiseArgs a{in0.const_data_ptr(),
+                            in1 != nullptr ? in1->const_data_ptr() : nullptr, out.data_ptr(),
+                            coefs};
     if (plan.wide_index) {
       launch_indexed<scalar_t, uint64_t>(plan, a, stream);
     } else {

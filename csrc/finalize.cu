@@ -1,13 +1,15 @@
-// Per-channel kernels: merge the split partials in a fixed order and turn them into everything
-// the element-wise passes and the caller need.
+// Per-channel kernels: merge a (P, 3, C) stack of statistics or sums in a fixed order and turn it
+// into everything the element-wise passes and the caller need.
 //
-//   finalize_train     batch statistics -> a_k from num_batches_tracked (on the device), the
-//                      dbn_mean / dbn_std / running_mean / running_var updates, the saved tensors,
-//                      and the normalize pass's per-channel scale and shift (center: mean);
-//   eval_prepare       stored statistics -> invstd, scale, shift and center;
-//   finalize_backward  sums -> grad_weight, grad_bias and the dx coefficients A, B, C.
+//   finalize           statistics -> a_k from num_batches_tracked (on the device), the
+//                      dbn_mean / dbn_std / running_mean / running_var updates, the saved tensors
+//                      and the normalize coefficients (center, scale, shift);
+//   eval_prepare       stored statistics -> invstd and the normalize coefficients;
+//   finalize_backward  sums -> grad_weight, grad_bias and the dx coefficients;
+//   merge_stack        a stack -> its one merged source (the batch_stats / backward_reduce passes).
 //
-// One warp per channel: lane l merges partials l, l + 32, ... in order, then a fixed shuffle tree.
+// One warp per channel (warp_merge_sources). The count n is the stack's: with statistics from
+// several devices it is only known on the device.
 #include "dbn_common.cuh"
 
 namespace dbn {
@@ -15,108 +17,110 @@ namespace {
 
 constexpr int kWarpsPerBlock = kThreads / 32;
 
-__global__ void __launch_bounds__(kThreads) finalize_train_kernel(FinalizeTrainArgs a) {
-  const int lane = threadIdx.x & 31;
+// This warp's channel (uniform per warp), or -1 past the last.
+__device__ __forceinline__ int64_t warp_channel(int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (c >= a.C) return;  // uniform per warp
-  const int64_t splits = a.splits;
-  const float* pm = a.part + c * splits;
-  const float* pq = a.part + (a.C + c) * splits;
-  const float* pn = a.part + (2 * a.C + c) * splits;
-  float st[3] = {0.f, 0.f, 0.f};
-  for (int64_t j = lane; j < splits; j += 32) chan_merge(st[0], st[1], st[2], pm[j], pq[j], pn[j]);
-  warp_reduce<WelfordOp>(st);
-  if (lane != 0) return;
+  return c < C ? c : -1;
+}
+
+__global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs a) {
+  const int64_t c = warp_channel(a.C);
+  if (c < 0) return;
+  float st[kStackRows];
+  warp_merge_sources<StatsMergeOp>(a.stats, a.sources, a.C, c, st);
+  if ((threadIdx.x & 31) != 0) return;
 
   // The DBN step, mirroring reference.train_forward operation by operation.
-  const float batch_mean = st[0];
-  const float batch_var = st[1] / a.M;  // biased
-  const float batch_std = sqrtf(batch_var + a.eps);
+  const float n = st[0];
+  const float batch_mean = st[1];
+  const float batch_var = st[2] / n;  // biased
+  const float batch_std = sqrtf(batch_var + a.step.eps);
 
   float kf = 1.f;
   int64_t k = 1;
   if (a.num_batches_tracked != nullptr) {
-    k = a.num_batches_tracked[0] + 1;  // after this step's increment (done by the normalize pass)
+    k = a.num_batches_tracked[0];  // this step's, incremented by collect_stats
     kf = static_cast<float>(k);
   }
 
   float alpha = 1.f, mean = batch_mean, std = batch_std;
-  if (a.dbn_mean != nullptr) {
+  if (a.dbn_mean.ptr != nullptr) {
     if (k > 1) {
-      alpha = fminf(a.alpha_scale * powf(kf + a.alpha_offset, -a.alpha_power), 1.f);
+      alpha = fminf(a.step.alpha_scale * powf(kf + a.step.alpha_offset, -a.step.alpha_power), 1.f);
     }
-    mean = lerp_like_torch(load_param(a.dbn_mean, a.dbn_mean_dt, c), batch_mean, alpha);
-    std = lerp_like_torch(load_param(a.dbn_std, a.dbn_std_dt, c), batch_std, alpha);
-    store_param(a.dbn_mean, a.dbn_mean_dt, c, mean);
-    store_param(a.dbn_std, a.dbn_std_dt, c, std);
+    mean = lerp_like_torch(load_param(a.dbn_mean, c), batch_mean, alpha);
+    std = lerp_like_torch(load_param(a.dbn_std, c), batch_std, alpha);
+    store_param(a.dbn_mean, c, mean);
+    store_param(a.dbn_std, c, std);
   }
   const float invstd = 1.f / std;
 
-  if (a.running_mean != nullptr) {
-    const float f = a.has_momentum ? a.momentum : 1.f / kf;
-    const float rm = lerp_like_torch(load_param(a.running_mean, a.running_mean_dt, c),
-                                     batch_mean, f);
-    const float rv = lerp_like_torch(load_param(a.running_var, a.running_var_dt, c),
-                                     batch_var * a.unbias, f);
-    store_param(a.running_mean, a.running_mean_dt, c, rm);
-    store_param(a.running_var, a.running_var_dt, c, rv);
+  if (a.running_mean.ptr != nullptr) {
+    const float f = a.step.has_momentum ? a.step.momentum : 1.f / kf;
+    const float unbias = n / (n - 1.f);  // PyTorch's running_var takes M2 / (n - 1)
+    store_param(a.running_mean, c, lerp_like_torch(load_param(a.running_mean, c), batch_mean, f));
+    store_param(a.running_var, c,
+                lerp_like_torch(load_param(a.running_var, c), batch_var * unbias, f));
   }
 
-  a.out_mean[c] = mean;
-  a.out_invstd[c] = invstd;
-  a.out_batch_mean[c] = batch_mean;
-  a.out_batch_invstd[c] = 1.f / batch_std;
-  if (c == 0) *a.out_alpha = alpha;
+  a.out.mean[c] = mean;
+  a.out.invstd[c] = invstd;
+  a.out.batch_mean[c] = batch_mean;
+  a.out.batch_invstd[c] = 1.f / batch_std;
+  if (c == 0) *a.out.alpha = alpha;
 
-  a.scale[c] = a.weight != nullptr ? invstd * load_param(a.weight, a.weight_dt, c) : invstd;
-  a.shift[c] = a.bias != nullptr ? load_param(a.bias, a.bias_dt, c) : 0.f;
+  a.coef[c] = mean;
+  a.coef[a.C + c] = a.weight.ptr != nullptr ? invstd * load_param(a.weight, c) : invstd;
+  a.coef[2 * a.C + c] = a.bias.ptr != nullptr ? load_param(a.bias, c) : 0.f;
 }
 
 __global__ void __launch_bounds__(kThreads) eval_prepare_kernel(EvalPrepareArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= a.C) return;
-  const float mean = load_param(a.mean, a.mean_dt, c);
-  const float spread = load_param(a.spread, a.spread_dt, c);
+  const float spread = load_param(a.spread, c);
   const float invstd = a.spread_is_std ? 1.f / spread : 1.f / sqrtf(spread + a.eps);
   a.out_invstd[c] = invstd;
-  a.scale[c] = a.weight != nullptr ? invstd * load_param(a.weight, a.weight_dt, c) : invstd;
-  a.shift[c] = a.bias != nullptr ? load_param(a.bias, a.bias_dt, c) : 0.f;
-  a.center[c] = mean;
+  a.coef[c] = load_param(a.mean, c);
+  a.coef[a.C + c] = a.weight.ptr != nullptr ? invstd * load_param(a.weight, c) : invstd;
+  a.coef[2 * a.C + c] = a.bias.ptr != nullptr ? load_param(a.bias, c) : 0.f;
 }
 
 __global__ void __launch_bounds__(kThreads) finalize_backward_kernel(FinalizeBackwardArgs a) {
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (c >= a.C) return;  // uniform per warp
-  const int64_t splits = a.splits;
-  const float* p_dy = a.part + c * splits;
-  const float* p_dyx = a.part + (a.C + c) * splits;
-  float st[2] = {0.f, 0.f};
-  for (int64_t j = lane; j < splits; j += 32) {
-    st[0] += p_dy[j];
-    st[1] += p_dyx[j];
-  }
-  warp_reduce<GradSumOp>(st);
-  if (lane != 0) return;
+  const int64_t c = warp_channel(a.C);
+  if (c < 0) return;
+  float st[kStackRows];
+  warp_merge_sources<SumsMergeOp>(a.sums, a.sources, a.C, c, st);
+  if ((threadIdx.x & 31) != 0) return;
 
-  // The DBN backward as reference.backward computes it, with C's -B * m_B term moved into the
-  // element-wise pass as B * (x - m_B).
-  const float invstd = a.invstd[c];
-  const float sum_dy = st[0];
-  const float sum_dy_xhat = st[1] * invstd;  // sum(dy * (x - mean)) / sig_k
+  // The DBN backward as reference.backward computes it, with the -B * m_B term of the shift
+  // moved into the element-wise pass as B * (x - m_B).
+  const float n = st[0];
+  const float invstd = a.saved.invstd[c];
+  const float sum_dy = st[1];
+  const float sum_dy_xhat = st[2] * invstd;  // sum(dy * (x - mean)) / sig_k
   a.grad_weight[c] = sum_dy_xhat;
   a.grad_bias[c] = sum_dy;
   if (!a.input_grad) return;
-  const float A = a.weight != nullptr ? invstd * load_param(a.weight, a.weight_dt, c) : invstd;
-  float B = 0.f, Cc = 0.f;
-  if (a.grad_through_stats) {
-    const float alpha = *a.alpha;
-    B = -A * alpha * sum_dy_xhat * a.batch_invstd[c] / a.M;
-    Cc = -A * alpha * sum_dy / a.M;
-  }
-  a.coef_a[c] = A;
-  a.coef_b[c] = B;
-  a.coef_c[c] = Cc;
+  const float A = a.weight.ptr != nullptr ? invstd * load_param(a.weight, c) : invstd;
+  a.coef[c] = A;
+  if (!a.grad_through_stats) return;  // dx = A * dy
+  const float alpha = *a.saved.alpha;
+  a.coef[a.C + c] = a.saved.batch_mean[c];
+  a.coef[2 * a.C + c] = -A * alpha * sum_dy_xhat * a.saved.batch_invstd[c] / n;
+  a.coef[3 * a.C + c] = -A * alpha * sum_dy / n;
+}
+
+template <class MergeOp>
+__global__ void __launch_bounds__(kThreads)
+merge_stack_kernel(const float* __restrict__ stack, int64_t sources, int64_t C,
+                   float* __restrict__ out) {
+  const int64_t c = warp_channel(C);
+  if (c < 0) return;
+  float st[kStackRows];
+  warp_merge_sources<MergeOp>(stack, sources, C, c, st);
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int f = 0; f < kStackRows; ++f) out[f * C + c] = st[f];
 }
 
 int warp_blocks(int64_t C) {
@@ -125,17 +129,36 @@ int warp_blocks(int64_t C) {
 
 }  // namespace
 
-void launch_finalize_train(const FinalizeTrainArgs& args, cudaStream_t stream) {
-  DBN_LAUNCH(finalize_train_kernel, warp_blocks(args.C), kThreads, stream, args);
+// A grid of no blocks is a launch error: without channels there is nothing to launch.
+
+void launch_finalize(const FinalizeArgs& args, cudaStream_t stream) {
+  if (args.C == 0) return;
+  DBN_LAUNCH(finalize_kernel, warp_blocks(args.C), kThreads, stream, args);
 }
 
 void launch_eval_prepare(const EvalPrepareArgs& args, cudaStream_t stream) {
+  if (args.C == 0) return;
   const int blocks = static_cast<int>((args.C + kThreads - 1) / kThreads);
   DBN_LAUNCH(eval_prepare_kernel, blocks, kThreads, stream, args);
 }
 
 void launch_finalize_backward(const FinalizeBackwardArgs& args, cudaStream_t stream) {
+  if (args.C == 0) return;
   DBN_LAUNCH(finalize_backward_kernel, warp_blocks(args.C), kThreads, stream, args);
+}
+
+void launch_merge_stats(const float* stack, int64_t sources, int64_t C, float* out,
+                        cudaStream_t stream) {
+  if (C == 0) return;
+  const auto kernel = merge_stack_kernel<StatsMergeOp>;
+  DBN_LAUNCH(kernel, warp_blocks(C), kThreads, stream, stack, sources, C, out);
+}
+
+void launch_merge_sums(const float* stack, int64_t sources, int64_t C, float* out,
+                       cudaStream_t stream) {
+  if (C == 0) return;
+  const auto kernel = merge_stack_kernel<SumsMergeOp>;
+  DBN_LAUNCH(kernel, warp_blocks(C), kThreads, stream, stack, sources, C, out);
 }
 
 }  // namespace dbn

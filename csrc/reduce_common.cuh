@@ -1,6 +1,6 @@
 // The split (M x C) reduction kernels shared by the forward statistics (WelfordOp) and the
 // backward sums (GradSumOp). Each CTA reduces one (channel or channel tile) x (M split) block to
-// one partial per channel, written to part[(field * C + c) * splits + split]; the finalize
+// one partial per channel, entry `split` of a (splits, 3, C) stack (kStackRows): the finalize
 // kernels merge the partials of a channel in split order. No atomics: bitwise reproducible.
 #pragma once
 
@@ -12,6 +12,25 @@
 #include "dbn_common.cuh"
 
 namespace dbn {
+
+// Split j's partial result for channel c: the number of values it covered (from its bounds: the
+// hot loop keeps no tally) and the accumulator's two stored fields.
+__device__ __forceinline__ void store_partial(float* __restrict__ part, int64_t C, int j,
+                                              int64_t c, int64_t count, const float* acc) {
+  float* entry = part + static_cast<int64_t>(j) * kStackRows * C + c;
+  entry[0] = static_cast<float>(count);
+  entry[C] = acc[0];
+  entry[2 * C] = acc[1];
+}
+
+// num_batches_tracked += 1, by one thread of the grid: the step's first launch counts it, and
+// nothing else in the launch reads the counter (finalize, the next launch, reads k).
+__device__ __forceinline__ void count_step(int64_t* counter) {
+  if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 &&
+      threadIdx.y == 0) {
+    *counter += 1;
+  }
+}
 
 // ---- NCS: contiguous (N, C, S) -----------------------------------------------------------------
 // grid (C, splits), 1-D blocks of kThreads. CTA (c, j) covers rows [n0, n1) of channel c (row n
@@ -83,7 +102,9 @@ __device__ __forceinline__ void ncs_run(const T* __restrict__ x, const T* __rest
 template <typename T, class Op, int U>
 __global__ void __launch_bounds__(kThreads)
 reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                  const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part) {
+                  const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part,
+                  int64_t* counter) {
+  count_step(counter);
   const int64_t C = p.g.C, S = p.g.S, N = p.g.N;
   const int64_t c = blockIdx.x;
   const int j = blockIdx.y;
@@ -107,11 +128,7 @@ reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy,
 #pragma unroll
   for (int f = 0; f < Op::kF; ++f) acc[f] = st[f][0];
   block_reduce_1d<Op>(acc);
-  if (threadIdx.x == 0) {
-    const int64_t splits = p.splits;
-#pragma unroll
-    for (int f = 0; f < Op::kF; ++f) part[(f * C + c) * splits + j] = acc[f];
-  }
+  if (threadIdx.x == 0) store_partial(part, C, j, c, (n1 - n0) * (s1 - s0), acc);
 }
 
 // ---- NSC: channels last, M rows of C ------------------------------------------------------------
@@ -133,7 +150,9 @@ constexpr int nsc_min_blocks() {
 template <typename T, class Op>
 __global__ void __launch_bounds__(kThreads, (nsc_min_blocks<T, Op>()))
 reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                  const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part) {
+                  const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part,
+                  int64_t* counter) {
+  count_step(counter);
   constexpr int G = VecWidth<T>::value;
   constexpr int R = 4;
   constexpr int kF = Op::kF;
@@ -218,12 +237,13 @@ reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
     __syncthreads();
   }
   if (ty == 0) {
-    const int64_t splits = p.splits;
 #pragma unroll
     for (int k = 0; k < G; ++k) {
       if (c0 + k < C) {
+        float acc[kF];
 #pragma unroll
-        for (int f = 0; f < kF; ++f) part[(f * C + c0 + k) * splits + j] = st[f][k];
+        for (int f = 0; f < kF; ++f) acc[f] = st[f][k];
+        store_partial(part, C, j, c0 + k, r1 - r0, acc);
       }
     }
   }
@@ -293,16 +313,16 @@ int reduce_blocks_per_sm_for(at::ScalarType dtype, bool channels_last, int width
 // Launch the reduction of plan p for input dtype T with accumulator Op.
 template <typename T, class Op>
 void launch_reduce(const T* x, const T* dy, const float* center, const ReducePlan& p, float* part,
-                   cudaStream_t stream) {
+                   int64_t* counter, cudaStream_t stream) {
   if (p.g.channels_last) {
     const dim3 grid(p.grid_x, p.splits), block(p.tx, p.ty);
     const auto kernel = reduce_nsc_kernel<T, Op>;
-    DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part);
+    DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part, counter);
   } else {
     with_ncs_width<T>(p.width, [&](auto u) {
       const dim3 grid(p.grid_x, p.splits), block(kThreads);
       const auto kernel = reduce_ncs_kernel<T, Op, decltype(u)::value>;
-      DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part);
+      DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part, counter);
     });
   }
 }

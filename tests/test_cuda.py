@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import dbn_kernels as dbn
 from dbn_kernels import _extension
 
+from emulation import build_emulation, last_plan
+
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -41,33 +43,11 @@ SUM_RTOL = 2e-5  # float32 sums over M values (dgamma, dbeta): a few ulp more th
 
 @pytest.fixture(scope="session")
 def emulation(tmp_path_factory):
-    """Build csrc/emulation/emulate.cpp with the host compiler, once per test session.
-
-    Into a private directory: torch's shared extensions directory is guarded by a lock file that
-    a run killed mid-build leaves behind, and every later run would wait on it forever."""
-    from torch.utils import cpp_extension
-
-    # The compiler the extension's own build would pick (not one that links its own copy of the
-    # C++ runtime, which crashes in torch's process the first time it formats an error).
+    """Build the CPU emulation (tests/emulation.py) once per test session, privately."""
     try:
-        compilers, _ = _extension.host_compilers()
-    except RuntimeError as exc:
+        return build_emulation(tmp_path_factory.mktemp("emulation_build"))
+    except (RuntimeError, OSError) as exc:  # no usable host compiler: nothing to emulate with
         pytest.skip(f"cannot build the CPU emulation: {exc}")
-    monkeypatch = pytest.MonkeyPatch()
-    for name, value in compilers.items():
-        monkeypatch.setenv(name, value)
-    try:
-        cpp_extension.load(
-            name="dbn_kernels_emulation",
-            sources=[str(ROOT / "csrc" / "emulation" / "emulate.cpp")],
-            extra_cflags=["-DDBN_EMULATION", "-O2", "-Wno-unknown-pragmas"],
-            build_directory=str(tmp_path_factory.mktemp("emulation_build")),
-            is_python_module=False, verbose=False)
-    except (OSError, FileNotFoundError) as exc:  # no host compiler: nothing to emulate with
-        pytest.skip(f"cannot build the CPU emulation: {exc}")
-    finally:
-        monkeypatch.undo()
-    return "emu"
 
 
 @pytest.fixture(scope="session")
@@ -351,9 +331,9 @@ def test_vector_widths(runner, shape, layout, dtype, storage_offset, plan):
         x = offset_copy(x, storage_offset)
     out = runner.op("train_forward")(x, None, None, None, None, None, None, None, 0.1, EPS,
                                      1.0, 0.0, 0.0)
-    assert list(torch.ops.dbn.emu_last_plan()) == plan, "forward"
+    assert last_plan() == plan, "forward"
     runner.op("backward")(torch.randn_like(x), x, None, *out[1:], True, True)
-    assert list(torch.ops.dbn.emu_last_plan()) == plan, "backward"
+    assert last_plan() == plan, "backward"
 
 
 @pytest.mark.parametrize("offset,width", [(1, 1), (2, 2), (4, 8)])
@@ -369,7 +349,14 @@ def test_misaligned_coefficients(runner, offset, width):
     saved[2] = offset_copy(saved[2], offset)  # batch_mean
     dx, gw, gb = runner.op("backward")(gy, x, None, *saved, True, True)
     if runner.prefix == "emu":
-        assert list(torch.ops.dbn.emu_last_plan())[1:] == [width, int(width > 1)]
+        # The fused backward reads its dx coefficients from its own aligned workspace (batch_mean
+        # is copied there): full width. The backward_dx pass reads them where the caller put them.
+        assert last_plan()[1:] == [8, 1]
+        sums = runner.op("backward_reduce")(gy, x, out[1])
+        coef = runner.op("backward_finalize")(sums[None], None, *out[2:], True, True)[2]
+        dx_pass = runner.op("backward_dx")(gy, x, offset_copy(coef, offset))
+        assert last_plan()[1:] == [width, int(width > 1)]
+        assert torch.equal(dx_pass, dx)
     rdx, rgw, rgb = torch.ops.dbn.reference_backward(gy.double(), x.double(), None,
                                                      *[t.double() for t in out[1:]], True, True)
     _, dx_err = native_errors(x, torch.ones(16, device=dev), torch.zeros(16, device=dev), gy)

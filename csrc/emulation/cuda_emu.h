@@ -1,7 +1,7 @@
 // CPU emulation of the CUDA execution model: just enough of it to run dbn_kernels' kernels,
 // unchanged, on host threads (one std::thread per CUDA thread, blocks one after another).
 //
-// Used only by emulate.cpp, which tests/test_cuda.py compiles with the host compiler to check the
+// Used only by emulate.cpp, which tests/emulation.py compiles with the host compiler to check the
 // kernels and their host launchers against the reference backend on machines without a GPU. It
 // emulates: threadIdx/blockIdx/blockDim/gridDim, __syncthreads (a block barrier), __shfl_down_sync
 // (a per-warp exchange; every lane of the warp must take part, as in the kernels), __shared__
@@ -33,7 +33,18 @@ struct dim3 {
 };
 
 namespace dbn {
+
+struct ReducePlan;
+struct ElementwisePlan;
+
 namespace emu {
+
+// Test hooks (hooks.h): every launch is counted, and the plans among its arguments are recorded.
+inline int64_t launches = 0;
+void record_plan(const ReducePlan& plan);
+void record_plan(const ElementwisePlan& plan);
+template <typename T>
+void record_plan(const T&) {}  // any other kernel argument
 
 // A reusable barrier for a fixed number of threads. std::barrier is C++20, and torch's
 // cpp_extension builds with -std=c++17 on some supported releases (2.11), so the emulation keeps
@@ -93,6 +104,8 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&... args
   block_dim = block;
   grid_dim = grid;
   const std::tuple<std::decay_t<KernelArgs>...> params(std::forward<Args>(args)...);
+  ++launches;
+  std::apply([](const auto&... arg) { (record_plan(arg), ...); }, params);
   BlockState state(threads);
   block_state = &state;
   std::vector<std::thread> pool;

@@ -1,7 +1,8 @@
-// The CUDA backend compiled as host C++ (DBN_EMULATION): binding.cpp's host logic and the .cu
-// kernels, unchanged, with kernel launches run on CPU threads by cuda_emu.h. Registers
-// dbn::emu_train_forward / emu_eval_forward / emu_backward for CPU tensors, with the cuda ops'
-// schemas. Built on demand by tests/test_cuda.py (torch.utils.cpp_extension.load, host compiler).
+// The CUDA backend compiled as host C++ (DBN_EMULATION): the host files and the .cu kernels,
+// unchanged, with kernel launches run on CPU threads by cuda_emu.h. Registers kernels for the
+// dbn::emu_* ops (schemas: dbn_kernels/ops.py) for CPU tensors, plus the test hooks of hooks.h.
+// Built on demand by tests/emulation.py (torch.utils.cpp_extension.load, host compiler), as one
+// translation unit.
 #ifndef DBN_EMULATION
 #error "compile with -DDBN_EMULATION"
 #endif
@@ -15,8 +16,14 @@
 
 #include "cuda_emu.h"
 
+#include "../checks.cpp"
+#include "../planning.cpp"
+#include "../ops_forward.cpp"
+#include "../ops_backward.cpp"
 #include "../binding.cpp"
 #include "../collect_stats.cu"
 #include "../backward_reduce.cu"
 #include "../finalize.cu"
 #include "../elementwise.cu"
+
+#include "hooks.h"

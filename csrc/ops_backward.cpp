@@ -1,0 +1,205 @@
+// The backward ops: the passes backward_reduce, backward_finalize and backward_dx, and their
+// composition backward (backward_reduce over splits -> backward_finalize over the split partials
+// -> backward_dx: 3 launches, 2 without input gradient). The passes and the fused op share the
+// launch helpers below.
+#include <ATen/ATen.h>
+
+#include "checks.h"
+#include "planning.h"
+
+namespace dbn {
+
+namespace {
+
+constexpr const char* kBackwardReduce = DBN_OP_NAME("backward_reduce");
+constexpr const char* kBackwardFinalize = DBN_OP_NAME("backward_finalize");
+constexpr const char* kBackwardDx = DBN_OP_NAME("backward_dx");
+constexpr const char* kBackward = DBN_OP_NAME("backward");
+
+int64_t dx_coef_rows(bool grad_through_stats, bool input_grad) {
+  if (!input_grad) return 0;
+  return grad_through_stats ? 4 : 1;
+}
+
+Tensor as_float(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Pass 1: the split partial sums (count, sum dy, sum dy * (x - mean)) as a (sources, 3, C) stack
+// in a fresh float32 workspace, `extra` floats after it (16-byte aligned) for the caller.
+struct SumsWorkspace {
+  Tensor storage;
+  float* stack;
+  int64_t sources;
+  float* extra;
+};
+
+SumsWorkspace reduce_sums(const Input& in, const Tensor& dy, const Tensor& mean, int64_t extra) {
+  const Tensor mean_f = as_float(mean);
+  const ReducePlan plan =
+      plan_reduce(in, Reduction::kSums, std::min(alignment(in.t), alignment(dy)));
+  const int64_t stack_floats = padded(int64_t(plan.splits) * kStackRows * in.g.C);
+  Tensor storage = at::empty({stack_floats + extra}, in.t.options().dtype(at::kFloat));
+  float* stack = storage.data_ptr<float>();
+  launch_backward_reduce(dy, in.t, mean_f.const_data_ptr<float>(), plan, stack, in.stream);
+  return {storage, stack, plan.splits, stack + stack_floats};
+}
+
+void check_finalize_inputs(const OpCheck& check, const OptTensor& weight, const Tensor& invstd,
+                           const Tensor& batch_mean, const Tensor& batch_invstd,
+                           const Tensor& alpha, bool grad_through_stats) {
+  check.per_channel("weight", weight);
+  check.saved("invstd", invstd);
+  check.saved("batch_mean", batch_mean);
+  check.saved("batch_invstd", batch_invstd);
+  if (grad_through_stats) check.scalar("alpha", alpha);
+}
+
+// Everything backward_finalize reads besides the sums, as the kernel reads it (float32).
+struct FinalizeInputs {
+  Tensor weight, invstd, batch_mean, batch_invstd, alpha;
+
+  FinalizeInputs(const OptTensor& w, const Tensor& invstd_, const Tensor& batch_mean_,
+                 const Tensor& batch_invstd_, const Tensor& alpha_, bool grad_through_stats) {
+    weight = contiguous_or_undefined(w);
+    invstd = as_float(invstd_);
+    batch_mean = as_float(batch_mean_);
+    batch_invstd = as_float(batch_invstd_);
+    if (grad_through_stats) alpha = as_float(alpha_);
+  }
+
+  SavedConstPtrs ptrs() const {
+    return {invstd.const_data_ptr<float>(), batch_mean.const_data_ptr<float>(),
+            batch_invstd.const_data_ptr<float>(),
+            alpha.defined() ? alpha.const_data_ptr<float>() : nullptr};
+  }
+};
+
+// Finalize a (sources, 3, C) stack of sums: grad_weight, grad_bias, and the dx coefficients
+// (dx_coef_rows of them) written to `coef`.
+Tensors2 run_backward_finalize(const float* sums, int64_t sources, int64_t C,
+                               const FinalizeInputs& in, bool grad_through_stats,
+                               bool input_grad, float* coef, const at::TensorOptions& fopts,
+                               cudaStream_t stream) {
+  Tensor grad_weight = at::empty({C}, fopts), grad_bias = at::empty({C}, fopts);
+  const FinalizeBackwardArgs args{sums,
+                                  sources,
+                                  C,
+                                  param(in.weight),
+                                  in.ptrs(),
+                                  grad_through_stats,
+                                  input_grad,
+                                  grad_weight.data_ptr<float>(),
+                                  grad_bias.data_ptr<float>(),
+                                  coef};
+  launch_finalize_backward(args, stream);
+  return {grad_weight, grad_bias};
+}
+
+// dx = A * dy (+ B * (x - center) + shift) with the (rows, C) coefficients at `coef`.
+Tensor run_dx(const Tensor& x, const Input& in, const Tensor& dy, const float* coef,
+              int64_t rows) {
+  Output dx = output_like(x, in);
+  const ElementwiseCoefs coefs = dx_coefs(coef, rows, in.g.C);
+  const bool reads_x = rows == 4;
+  int64_t align = std::min(alignment(dy), alignment(dx.target));
+  if (reads_x) align = std::min(align, alignment(in.t));
+  const ElementwisePlan plan = plan_elementwise(in, align, coefs);
+  launch_elementwise(plan, dy, reads_x ? &in.t : nullptr, dx.target, coefs, in.stream);
+  return dx.finish();
+}
+
+}  // namespace
+
+// ---- passes -----------------------------------------------------------------------------------
+
+Tensor backward_reduce(const Tensor& grad_y, const Tensor& x, const Tensor& mean) {
+  const OpCheck check = OpCheck::input(kBackwardReduce, x);
+  check.like_input("grad_y", grad_y, x);
+  check.saved("mean", mean);
+  if (x.scalar_type() == at::kDouble) {
+    return call_reference<decltype(backward_reduce)>("dbn::reference_backward_reduce", grad_y, x,
+                                                     mean);
+  }
+  const DeviceGuard guard(x);
+  const int64_t C = check.channels();
+  Tensor sums = at::empty({kStackRows, C}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return sums.zero_();
+  const Input in = kernel_input(x);
+  const SumsWorkspace ws = reduce_sums(in, match_layout(grad_y, in), mean, 0);
+  launch_merge_sums(ws.stack, ws.sources, C, sums.data_ptr<float>(), in.stream);
+  return sums;
+}
+
+Tensors3 backward_finalize(const Tensor& sums, const OptTensor& weight, const Tensor& invstd,
+                           const Tensor& batch_mean, const Tensor& batch_invstd,
+                           const Tensor& alpha, bool grad_through_stats, bool input_grad) {
+  const OpCheck check = OpCheck::stack(kBackwardFinalize, "sums", sums);
+  check_finalize_inputs(check, weight, invstd, batch_mean, batch_invstd, alpha,
+                        grad_through_stats);
+  if (sums.scalar_type() == at::kDouble) {
+    return call_reference<decltype(backward_finalize)>(
+        "dbn::reference_backward_finalize", sums, weight, invstd, batch_mean, batch_invstd, alpha,
+        grad_through_stats, input_grad);
+  }
+  const FinalizeInputs in(weight, invstd, batch_mean, batch_invstd, alpha, grad_through_stats);
+  const DeviceGuard guard(sums);
+  const int64_t C = check.channels();
+  const auto fopts = sums.options().dtype(at::kFloat);
+  const Tensor stack = sums.contiguous();
+  Tensor coef = at::empty({dx_coef_rows(grad_through_stats, input_grad), C}, fopts);
+  auto [grad_weight, grad_bias] = run_backward_finalize(
+      stack.const_data_ptr<float>(), stack.size(0), C, in, grad_through_stats, input_grad,
+      coef.data_ptr<float>(), fopts, current_stream(sums));
+  return {grad_weight, grad_bias, coef};
+}
+
+Tensor backward_dx(const Tensor& grad_y, const Tensor& x, const Tensor& coef) {
+  const OpCheck check = OpCheck::input(kBackwardDx, x);
+  check.like_input("grad_y", grad_y, x);
+  check.coef(coef, {1, 4});
+  if (x.scalar_type() == at::kDouble) {
+    return call_reference<decltype(backward_dx)>("dbn::reference_backward_dx", grad_y, x, coef);
+  }
+  const DeviceGuard guard(x);
+  if (x.numel() == 0) return at::empty_like(x, at::MemoryFormat::Preserve);
+  const Input in = kernel_input(x);
+  const Tensor k = coef.contiguous();
+  return run_dx(x, in, match_layout(grad_y, in), k.const_data_ptr<float>(), k.size(0));
+}
+
+// ---- fused ------------------------------------------------------------------------------------
+
+Tensors3 backward(const Tensor& grad_y, const Tensor& x, const OptTensor& weight,
+                  const Tensor& mean, const Tensor& invstd, const Tensor& batch_mean,
+                  const Tensor& batch_invstd, const Tensor& alpha, bool grad_through_stats,
+                  bool input_grad) {
+  const OpCheck check = OpCheck::input(kBackward, x);
+  check.like_input("grad_y", grad_y, x);
+  check.saved("mean", mean);
+  check_finalize_inputs(check, weight, invstd, batch_mean, batch_invstd, alpha,
+                        grad_through_stats);
+  if (x.scalar_type() == at::kDouble) {
+    return call_reference<decltype(backward)>("dbn::reference_backward", grad_y, x, weight, mean,
+                                              invstd, batch_mean, batch_invstd, alpha,
+                                              grad_through_stats, input_grad);
+  }
+  const FinalizeInputs fin(weight, invstd, batch_mean, batch_invstd, alpha, grad_through_stats);
+  const DeviceGuard guard(x);
+  const int64_t C = check.channels();
+  const auto fopts = x.options().dtype(at::kFloat);
+  if (x.numel() == 0) {
+    Tensor grad_x = input_grad ? at::empty_like(x, at::MemoryFormat::Preserve)
+                               : at::empty({0}, x.options());
+    return {grad_x, at::zeros({C}, fopts), at::zeros({C}, fopts)};
+  }
+  const Input in = kernel_input(x);
+  const Tensor dy = match_layout(grad_y, in);
+  const int64_t rows = dx_coef_rows(grad_through_stats, input_grad);
+  const SumsWorkspace ws = reduce_sums(in, dy, mean, rows * C);
+  float* coef = ws.extra;
+  auto [grad_weight, grad_bias] = run_backward_finalize(
+      ws.stack, ws.sources, C, fin, grad_through_stats, input_grad, coef, fopts, in.stream);
+  if (!input_grad) return {at::empty({0}, x.options()), grad_weight, grad_bias};
+  return {run_dx(x, in, dy, coef, rows), grad_weight, grad_bias};
+}
+
+}  // namespace dbn
