@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from contract import (BUFFER_ORDER, DEVICE, DTYPES, EPS, HAS_CUDA, LAYOUTS, REFERENCE, Backend,
-                      as_double, assert_buffers_close, assert_low_precision_close,
-                      assert_stats_close, bits, check_backward, check_eval, check_train_step, dbl,
-                      is_channel_inner, make_state, make_x, max_err, params, poisoned_allocations,
-                      train)
+from contract import (BUFFER_ORDER, DEVICE, DTYPES, EPS, LAYOUTS, REFERENCE, Backend, as_double,
+                      assert_buffers_close, assert_low_precision_close, bits, check_backward,
+                      check_eval, check_train_step, dbl, is_channel_inner, make_state, make_x,
+                      max_err, params, poisoned_allocations, train)
 from dbn_kernels import _extension, ops
 
 
