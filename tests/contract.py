@@ -72,7 +72,8 @@ def make_x(shape, dtype, layout, device=DEVICE, mean=2.0, std=3.0, generator=Non
     return to_layout(x, layout).to(device)
 
 
-def is_channel_inner(t: torch.Tensor) -> bool:
+def is_nsc(t: torch.Tensor) -> bool:
+    """Channels innermost in memory: the NSC layout (channels_last)."""
     return t.movedim(1, -1).is_contiguous()
 
 

@@ -43,8 +43,8 @@ class DBNOracle:
         self.k += 1
         a = schedule_value(self.schedule, self.k)
         m_b = x.sum(dims) / M
-        centred = x - m_b.view(self._shape(x))
-        v_b = (centred * centred).sum(dims) / M
+        centered = x - m_b.view(self._shape(x))
+        v_b = (centered * centered).sum(dims) / M
         s_b = torch.sqrt(v_b + self.eps)
         if not grad_through_stats:
             m_b_used, s_b_used = m_b.detach(), s_b.detach()

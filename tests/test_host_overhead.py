@@ -78,12 +78,12 @@ def test_geometry_from_strides_matches_torch(index):
     launch = _launch()
     x = _layouts()[index]
     geo = launch.geometry(x)
-    spatial_inner = x.is_contiguous()
-    channel_inner = x.movedim(1, -1).is_contiguous()
+    ncs = x.is_contiguous()
+    nsc = x.movedim(1, -1).is_contiguous()
     S = math.prod(x.shape[2:])
-    if channel_inner and (S == 1 or not spatial_inner):
+    if nsc and (S == 1 or not ncs):
         assert geo is not None and geo.channels_last
-    elif spatial_inner:
+    elif ncs:
         assert geo is not None and not geo.channels_last
     else:
         assert geo is None

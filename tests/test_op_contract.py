@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from contract import (BUFFER_ORDER, DEVICE, DTYPES, EPS, LAYOUTS, REFERENCE, Backend, as_double,
                       assert_buffers_close, assert_low_precision_close, bits, check_backward,
-                      check_eval, check_train_step, dbl, is_channel_inner, make_state, make_x,
+                      check_eval, check_train_step, dbl, is_nsc, make_state, make_x,
                       max_err, params, poisoned_allocations, train)
 from dbn_kernels import _extension, ops
 
@@ -307,7 +307,7 @@ def test_backward_grad_in_another_layout(backend, dy_layout):
     else:
         dy = make_x((2, 3, 5, 12), torch.float32, "contiguous", dev)[..., ::2]
     grads = check_backward(backend, x, dy, w, out, out64, True)
-    assert is_channel_inner(grads[0])
+    assert is_nsc(grads[0])
 
 
 def test_backward_without_input_grad(backend):
@@ -454,7 +454,7 @@ def test_statistics_from_several_sources(backend, layout):
     *saved, coef = backend.op("finalize")(stack, w, b, *(split[k] for k in BUFFER_ORDER), 0.1,
                                           EPS, 2.0, 1.0, 0.5)
     ys = [backend.op("normalize")(x[p], coef) for p in parts]
-    assert all(is_channel_inner(t) == is_channel_inner(x) for t in ys if t.numel())
+    assert all(is_nsc(t) == is_nsc(x) for t in ys if t.numel())
     y = torch.cat(ys)
     torch.testing.assert_close(y, out[0], rtol=1e-5, atol=1e-5)
     for a, e in zip(saved, out[1:]):

@@ -21,7 +21,7 @@ import torch
 import dbn_kernels as dbn
 from contract import (BUFFER_ORDER, DEVICE, EPS, LAYOUTS, REFERENCE, Backend, as_double,
                       assert_buffers_close, assert_stats_close, bits, check_backward,
-                      check_train_step, dbl, is_channel_inner, make_state, make_x, params,
+                      check_train_step, dbl, is_nsc, make_state, make_x, params,
                       poisoned_allocations, train)
 
 pytest.importorskip("triton")
@@ -229,8 +229,8 @@ def test_module_end_to_end(layout):
         yb.backward(g.double())
         torch.testing.assert_close(ya.double(), yb, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=1e-5, atol=1e-5)
-        assert is_channel_inner(ya) == is_channel_inner(x)
-        assert is_channel_inner(xa.grad) == is_channel_inner(x)
+        assert is_nsc(ya) == is_nsc(x)
+        assert is_nsc(xa.grad) == is_nsc(x)
         for name in ("weight", "bias"):
             torch.testing.assert_close(getattr(tri, name).grad.double(),
                                        getattr(ref, name).grad, rtol=1e-5, atol=1e-4)

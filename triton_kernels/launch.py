@@ -2,9 +2,9 @@
 
 Every heuristic lives here, in plain Python, so that tuning on a GPU means editing one file:
 
-* how an input is viewed: a logical ``(N, C, S)`` tensor, either *spatial-inner* (contiguous
-  ``N, C, *S``: each (n, c) plane of S values is contiguous) or *channel-inner* (channels_last, and
-  every ``(N, C)`` input: memory ``(M, C)`` with ``M = N*S`` rows of C contiguous channels);
+* how an input is viewed: a logical ``(N, C, S)`` tensor in one of two layouts, *NCS*
+  (contiguous ``N, C, *S``: each (n, c) plane of S values is contiguous) or *NSC* (channels_last,
+  and every ``(N, C)`` input: memory ``(M, C)`` with ``M = N*S`` rows of C contiguous channels);
 * the tile shapes of the reduction kernels (``collect_stats``, ``backward_reduce``), of the
   element-wise kernels (``normalize``, ``eval_normalize``, ``backward_dx``) and of the finalizes;
 * how many splits of M the reductions use, so that a small C still fills the GPU.
@@ -103,12 +103,12 @@ def _row_major(shape, strides) -> bool:
 def _geometry(shape: tuple[int, ...], strides: tuple[int, ...]) -> Geometry | None:
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:])
-    spatial_inner = _row_major(shape, strides)
+    ncs = _row_major(shape, strides)
     # channels moved innermost: memory (N, *S, C)
-    channel_inner = _row_major((N, *shape[2:], C), (strides[0], *strides[2:], strides[1]))
-    if channel_inner and (S == 1 or not spatial_inner):
+    nsc = _row_major((N, *shape[2:], C), (strides[0], *strides[2:], strides[1]))
+    if nsc and (S == 1 or not ncs):
         return Geometry(N, C, S, True)
-    if spatial_inner:
+    if ncs:
         return Geometry(N, C, S, False)
     return None
 
@@ -164,15 +164,15 @@ class Tuning:
     """Values per reduction tile: eight per thread of 8 warps, each with three fp32 accumulators
     in collect_stats (about 60 registers, so several programs fit on an SM)."""
     reduce_min_even_bytes: int = 64
-    """Spatial-inner reductions use tiles of S's largest power-of-two divisor when rows of that
+    """NCS reductions use tiles of S's largest power-of-two divisor when rows of that
     many bytes are still worth reading (3136 = 64*49 positions: 64), so that no tile is partial;
     else one masked tile spans the plane (49 or 196 positions)."""
     reduce_row_bytes: int = 256
-    """Channel-inner reductions: bytes of one tile row (64 fp32 or 128 fp16 channels)."""
+    """NSC reductions: bytes of one tile row (64 fp32 or 128 fp16 channels)."""
     unaligned_elementwise_tile: int = 2048
     """Values per element-wise program when rows cannot be read with 16-byte vectors."""
     elementwise_max_block_c: int = 256
-    """Channel-inner element-wise tiles: channels per tile at most."""
+    """NSC element-wise tiles: channels per tile at most."""
     finalize_tile: int = 2048
     """Values (splits x channels) per finalize step."""
     finalize_max_splits: int = 256
@@ -210,7 +210,7 @@ class ReducePlan:
     """Grid (channel blocks, splits) for collect_stats / backward_reduce.
 
     Per channel block the reduction runs over ``tiles`` tiles of ``block_r`` values per channel:
-    channel-inner, tile t covers rows [t*block_r, (t+1)*block_r); spatial-inner, tile t is sample
+    NSC, tile t covers rows [t*block_r, (t+1)*block_r); NCS, tile t is sample
     ``t // s_blocks``, positions ``(t % s_blocks) * block_r + [0, block_r)``. Split j takes tiles
     [j*tiles_per_split, (j+1)*tiles_per_split): every split is non-empty.
     """
@@ -267,7 +267,7 @@ def _reduce_plan(geo: Geometry, elem_size: int, programs: int, t: Tuning) -> Red
 class ElementwisePlan:
     """A 1-D grid over tiles [block_a, block_b]; ``block_b`` runs along contiguous memory.
 
-    Channel-inner: a = rows of M, b = channels. Spatial-inner: a = (n, c) planes, b = positions.
+    NSC: a = rows of M, b = channels. NCS: a = (n, c) planes, b = positions.
     Program p takes tile (p // b_blocks, p % b_blocks), so neighbouring programs touch
     neighbouring memory (and no grid axis is limited to 65535).
     """

@@ -3,8 +3,8 @@ and the Welford/Chan merges.
 
 A tile's last dimension always runs along contiguous memory, so loads and stores vectorise:
 
-* channel-inner (channels_last, (N, C)): memory is (M, C); tiles are [rows, channels];
-* spatial-inner (contiguous N, C, *S): memory is (N*C planes, S); tiles are [planes or channels,
+* NSC (channels_last, (N, C)): memory is (M, C); tiles are [rows, channels];
+* NCS (contiguous N, C, *S): memory is (N*C planes, S); tiles are [planes or channels,
   positions].
 """
 
@@ -17,8 +17,8 @@ def reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R: tl.constexpr,
                    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
     """Offsets and mask of reduction tile ``t`` for the channel vector ``c`` ([BLOCK_C]).
 
-    Channel-inner: rows [t*BLOCK_R, (t+1)*BLOCK_R) of (M, C), shape [BLOCK_R, BLOCK_C].
-    Spatial-inner: sample t // s_blocks, positions (t % s_blocks)*BLOCK_R + [0, BLOCK_R),
+    NSC: rows [t*BLOCK_R, (t+1)*BLOCK_R) of (M, C), shape [BLOCK_R, BLOCK_C].
+    NCS: sample t // s_blocks, positions (t % s_blocks)*BLOCK_R + [0, BLOCK_R),
     shape [BLOCK_C, BLOCK_R].
     """
     r = tl.arange(0, BLOCK_R)
@@ -49,11 +49,11 @@ def reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R: tl.constexpr,
 @triton.jit
 def elementwise_tile(pid, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
-    """Tile ``pid`` of an element-wise pass over [extent_a, extent_b] (channel-inner: M rows by C
-    channels; spatial-inner: N*C planes by S positions).
+    """Tile ``pid`` of an element-wise pass over [extent_a, extent_b] (NSC: M rows by C channels;
+    NCS: N*C planes by S positions).
 
-    Returns the offsets and mask of the tile, the channel of each of its columns (channel-inner)
-    or rows (spatial-inner) as a vector with its mask, and ``first``: the channels whose first
+    Returns the offsets and mask of the tile, the channel of each of its columns (NSC)
+    or rows (NCS) as a vector with its mask, and ``first``: the channels whose first
     tile this is, for per-channel outputs written exactly once. Per-channel values are loaded
     as vectors and broadcast with ``along_channels``."""
     pid_a = pid // b_blocks
