@@ -183,6 +183,16 @@ def check_train_step(backend, x, w, b, st, ref, momentum=0.1, schedule=SCHEDULE)
     return out, out64
 
 
+def checked_step(backend, x):
+    """One checked training step on ``x`` with fresh parameters and buffers: the weight and the
+    outputs of ``backend`` and of the reference, for a backward to start from."""
+    C = x.shape[1]
+    w, b = params(C, device=backend.device)
+    st = make_state(C, device=backend.device)
+    out, out64 = check_train_step(backend, x, w, b, st, as_double(st))
+    return w, out, out64
+
+
 def check_backward(backend, x, dy, w, out, out64, grad_through_stats, input_grad=True):
     """Backward from the saved tensors of ``out`` (the reference from those of ``out64``)."""
     grads = backend.op("backward")(dy, x, w, *out[1:], grad_through_stats, input_grad)

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from contract import (BUFFER_ORDER, DEVICE, DTYPES, EPS, LAYOUTS, REFERENCE, Backend, as_double,
                       assert_buffers_close, assert_low_precision_close, bits, check_backward,
-                      check_eval, check_train_step, dbl, is_nsc, make_state, make_x,
+                      check_eval, check_train_step, checked_step, dbl, is_nsc, make_state, make_x,
                       max_err, params, poisoned_allocations, train)
 from dbn_kernels import _extension, ops
 
@@ -294,12 +294,10 @@ def test_backward_matches_pytorch_batch_norm(backend, dtype):
 
 @pytest.mark.parametrize("dy_layout", ["other", "expanded", "sliced"])
 def test_backward_grad_in_another_layout(backend, dy_layout):
-    C, shape = 3, (2, 3, 5, 6)
+    shape = (2, 3, 5, 6)
     dev = backend.device
     x = make_x(shape, torch.float32, "channels_last", dev)
-    w, b = params(C, device=dev)
-    st = make_state(C, device=dev)
-    out, out64 = check_train_step(backend, x, w, b, st, as_double(st))
+    w, out, out64 = checked_step(backend, x)
     if dy_layout == "other":
         dy = make_x(shape, torch.float32, "contiguous", dev)
     elif dy_layout == "expanded":  # what y.sum().backward() delivers
@@ -311,27 +309,21 @@ def test_backward_grad_in_another_layout(backend, dy_layout):
 
 
 def test_backward_without_input_grad(backend):
-    C, shape = 5, (3, 5, 4, 4)
-    dev = backend.device
-    x = make_x(shape, torch.float16, "contiguous", dev)
-    w, b = params(C, device=dev)
-    st = make_state(C, device=dev)
-    out, out64 = check_train_step(backend, x, w, b, st, as_double(st))
-    check_backward(backend, x, make_x(shape, torch.float16, "contiguous", dev), w, out, out64,
-                   True, input_grad=False)
+    shape = (3, 5, 4, 4)
+    x = make_x(shape, torch.float16, "contiguous", backend.device)
+    w, out, out64 = checked_step(backend, x)
+    check_backward(backend, x, make_x(shape, torch.float16, "contiguous", backend.device), w, out,
+                   out64, True, input_grad=False)
 
 
 @pytest.mark.parametrize("kind", ["sliced", "permuted"])
 def test_non_dense_input(backend, kind):
-    C = 3
     dev = backend.device
     if kind == "sliced":
         x = make_x((4, 3, 8, 7), torch.float32, "contiguous", dev)[:, :, ::2]
     else:  # dense, but W outermost: neither supported order
         x = make_x((7, 4, 3, 5), torch.float32, "contiguous", dev).permute(1, 2, 3, 0)
-    w, b = params(C, device=dev)
-    st = make_state(C, device=dev)
-    out, out64 = check_train_step(backend, x, w, b, st, as_double(st))
+    w, out, out64 = checked_step(backend, x)
     check_backward(backend, x, torch.randn_like(x), w, out, out64, True)
 
 

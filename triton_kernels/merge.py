@@ -20,18 +20,25 @@ from .tiling import merge_lanes, merge_pair
 
 
 @triton.jit
+def load_sources(stack_ptr, j0, sources, C, c, keep, BLOCK_SPLIT: tl.constexpr):
+    """Rows (count, first, second) of sources [j0, j0 + BLOCK_SPLIT) for channels ``c``, each
+    [BLOCK_SPLIT, BLOCK_C]; sources past the end read as empty (count 0)."""
+    j = j0 + tl.arange(0, BLOCK_SPLIT)
+    mask = (j < sources)[:, None] & keep[None, :]
+    offs = j[:, None] * (3 * C) + c[None, :]
+    return (tl.load(stack_ptr + offs, mask=mask, other=0.0),
+            tl.load(stack_ptr + C + offs, mask=mask, other=0.0),
+            tl.load(stack_ptr + 2 * C + offs, mask=mask, other=0.0))
+
+
+@triton.jit
 def merge_stats(stack_ptr, sources, C, c, keep, BLOCK_SPLIT: tl.constexpr):
     """(mean, M2, count) of channels ``c`` over every source of a statistics stack (Chan)."""
     mean = tl.zeros(c.shape, tl.float32)
     m2 = tl.zeros(c.shape, tl.float32)
     n = tl.zeros(c.shape, tl.float32)
     for j0 in range(0, sources, BLOCK_SPLIT):
-        j = j0 + tl.arange(0, BLOCK_SPLIT)
-        mask = (j < sources)[:, None] & keep[None, :]
-        offs = j[:, None] * (3 * C) + c[None, :]
-        part_n = tl.load(stack_ptr + offs, mask=mask, other=0.0)
-        part_mean = tl.load(stack_ptr + C + offs, mask=mask, other=0.0)
-        part_m2 = tl.load(stack_ptr + 2 * C + offs, mask=mask, other=0.0)
+        part_n, part_mean, part_m2 = load_sources(stack_ptr, j0, sources, C, c, keep, BLOCK_SPLIT)
         b_mean, b_m2, b_n = merge_lanes(part_mean, part_m2, part_n, 0)
         mean, m2, n = merge_pair(mean, m2, n, b_mean, b_m2, b_n)
     return mean, m2, n
@@ -44,12 +51,11 @@ def sum_sums(stack_ptr, sources, C, c, keep, BLOCK_SPLIT: tl.constexpr):
     sum_dy = tl.zeros(c.shape, tl.float32)
     sum_dy_xc = tl.zeros(c.shape, tl.float32)
     for j0 in range(0, sources, BLOCK_SPLIT):
-        j = j0 + tl.arange(0, BLOCK_SPLIT)
-        mask = (j < sources)[:, None] & keep[None, :]
-        offs = j[:, None] * (3 * C) + c[None, :]
-        n += tl.sum(tl.load(stack_ptr + offs, mask=mask, other=0.0), 0)
-        sum_dy += tl.sum(tl.load(stack_ptr + C + offs, mask=mask, other=0.0), 0)
-        sum_dy_xc += tl.sum(tl.load(stack_ptr + 2 * C + offs, mask=mask, other=0.0), 0)
+        part_n, part_dy, part_dy_xc = load_sources(stack_ptr, j0, sources, C, c, keep,
+                                                   BLOCK_SPLIT)
+        n += tl.sum(part_n, 0)
+        sum_dy += tl.sum(part_dy, 0)
+        sum_dy_xc += tl.sum(part_dy_xc, 0)
     return n, sum_dy, sum_dy_xc
 
 
