@@ -9,9 +9,11 @@ Two routes give the ops:
    in torch's extensions directory, ``TORCH_EXTENSIONS_DIR``), with a one-line message while it
    compiles. ``DBN_KERNELS_NO_JIT=1`` switches this off.
 
+The extension registers kernels only; the ops' schemas and fakes come from ``ops.SCHEMAS``.
 Importing ``dbn_kernels`` never fails because the extension is missing or stale: ``load()``
-returns ``None`` once the ops are registered with the schemas of ``ops.SCHEMAS`` (and their fakes),
-or a sentence saying why they are not and how to fix it, which ``backend="cuda"`` turns into a
+returns ``None`` once every ``dbn::cuda_*`` op has its schema and its CUDA kernel, or a sentence
+saying why not and how to fix it (not built; stale: built from older sources, with ops missing or
+a kernel whose C++ signature does not match its schema), which ``backend="cuda"`` turns into a
 ``RuntimeError``. It never raises.
 """
 
@@ -28,38 +30,14 @@ import sys
 from pathlib import Path
 
 JIT_NAME = "dbn_kernels_cuda"
-SOURCES = ("binding.cpp", "collect_stats.cu", "finalize.cu", "elementwise.cu", "backward_reduce.cu")
+SOURCES = ("binding.cpp", "ops_forward.cpp", "ops_backward.cpp", "planning.cpp", "checks.cpp",
+           "collect_stats.cu", "finalize.cu", "elementwise.cu", "backward_reduce.cu")
 """Translation units of the extension (setup.py reads them from here): ninja compiles them in
 parallel. This module's top level imports only the standard library, because setup.py loads it
 standalone, before torch is known to be importable."""
 
 FIX = ("build it at install with `pip install --no-build-isolation .` (needs a CUDA-enabled torch, "
        "nvcc of the same CUDA major version, ninja), or use backend='triton' / 'reference'")
-
-
-def schema_signature(schema) -> str:
-    """A parsed ``torch.FunctionSchema`` without its name: ``(args) -> (returns)``."""
-    text = str(schema)
-    return text[text.index("("):]
-
-
-def schema_mismatch() -> str | None:
-    """``None`` when every ``dbn::cuda_*`` op exists with the schema of ``ops.SCHEMAS``."""
-    import torch
-
-    from .ops import SCHEMAS, qualname
-
-    for entry, schema in SCHEMAS.items():
-        name = qualname("cuda", entry)
-        try:
-            actual = getattr(torch.ops.dbn, f"cuda_{entry}").default._schema
-        except (AttributeError, RuntimeError):
-            return f"the CUDA extension does not define {name} (stale build?)"
-        expected = torch._C.parse_schema(name + schema)
-        if schema_signature(actual) != schema_signature(expected):
-            return (f"the CUDA extension's {name} has schema {schema_signature(actual)} but this "
-                    f"dbn_kernels expects {schema_signature(expected)} (stale build)")
-    return None
 
 
 def find_cuda_home() -> str | None:
@@ -294,22 +272,64 @@ def compile_on_first_use() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def load() -> str | None:
-    """Register the ``dbn::cuda_*`` ops (and their fakes); ``None``, or why not and the fix."""
+    """Register the ``dbn::cuda_*`` ops (schemas, fakes, kernels); ``None``, or why not and the
+    fix."""
+    def import_built():
+        from . import _C  # noqa: F401  (registers the dbn::cuda_* kernels on import)
+
     try:
-        from . import _C  # noqa: F401  (registers dbn::cuda_* with torch.library)
-    except Exception as exc:  # ImportError, or OSError/undefined symbols from a stale build
-        first = str(exc).strip().splitlines()
-        why = f"{type(exc).__name__}: {first[0] if first else ''}"
-        jit = compile_on_first_use()
+        try:
+            return check_registration("cuda", "CUDA", import_built,
+                                      "the CUDA extension dbn_kernels._C")
+        except Exception as exc:  # ImportError, or OSError/undefined symbols: not loadable
+            first = str(exc).strip().splitlines()
+            why = f"{type(exc).__name__}: {first[0] if first else ''}"
+        jit = compile_on_first_use()  # registers the kernels when it succeeds
         if jit is not None:
             return f"the CUDA extension dbn_kernels._C is not built ({why}); {jit}. Fix: {FIX}"
-    try:
-        mismatch = schema_mismatch()
-        if mismatch is not None:
-            return f"{mismatch}. Fix: {FIX}"
-        from .ops import register_fakes
-
-        register_fakes("cuda")
+        return check_registration("cuda", "CUDA", lambda: None,
+                                  f"the CUDA extension {JIT_NAME} (compiled on first use)")
     except Exception as exc:
         return f"the CUDA extension's ops could not be registered ({type(exc).__name__}: {exc})"
+
+
+STALE_FIX = ("rebuild it from these sources with `pip install --no-build-isolation .` (or remove "
+             "it to compile them on first use), or use backend='triton' / 'reference'")
+
+
+def check_registration(prefix: str, dispatch_key: str, import_kernels, what: str) -> str | None:
+    """Load the kernels of backend ``prefix`` (``import_kernels()``, whose exceptions propagate:
+    not built), define the backend's ops from ``ops.SCHEMAS`` and check that each has a kernel
+    for ``dispatch_key``: ``None``, or why ``what`` is stale and the fix.
+
+    The kernels are loaded first: the extension registers implementations only, and the
+    dispatcher checks a kernel's C++ signature against its op's schema when the second of the two
+    arrives. Arriving second in the extension's static initialisation, a mismatch would abort the
+    process (an exception escapes the library's load); arriving second in ``define_schemas``, it
+    is a ``RuntimeError`` here. A build from before the passes defined its own, older ops: the
+    names it lacks show up as ops without a kernel."""
+    from . import ops
+
+    import_kernels()
+    stale = f"{what} is stale (built from older sources)"
+    try:
+        ops.define_schemas(prefix)
+    except RuntimeError as exc:
+        return f"{stale}: {_signature_problem(exc)}. Fix: {STALE_FIX}"
+    missing = ops.missing_kernels(prefix, dispatch_key)
+    if missing:
+        return (f"{stale}: it has no {dispatch_key} kernel for {', '.join(missing)}. "
+                f"Fix: {STALE_FIX}")
     return None
+
+
+def _signature_problem(exc: Exception) -> str:
+    """The dispatcher's schema-check failure in one line: the op and the reason."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    op = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("operator:")), None)
+    reason = next((ln.split(":", 1)[1].strip().rstrip(".") for ln in lines
+                   if ln.startswith("reason:")), None)
+    if op is None:
+        return f"defining its ops failed ({lines[0] if lines else type(exc).__name__})"
+    return (f"the C++ signature of its kernel for {op} does not match the schema"
+            + (f" ({reason})" if reason else ""))

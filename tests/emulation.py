@@ -23,6 +23,10 @@ PREFIX = "emu"
 HOOK_SCHEMAS = {"last_plan": "() -> int[]", "launches": "() -> int"}
 
 
+class CannotBuild(RuntimeError):
+    """No usable host compiler here: nothing to emulate with."""
+
+
 def define_hooks() -> None:
     for entry, schema in HOOK_SCHEMAS.items():
         name = ops.qualname(PREFIX, entry)
@@ -40,13 +44,15 @@ def build_emulation(build_dir: str | os.PathLike) -> str:
     lock file that a run killed mid-build leaves behind, and every later run would wait on it
     forever. The host compiler is the one the extension's own build would pick (not one that
     links its own copy of the C++ runtime, which crashes in torch's process the first time it
-    formats an error); ``_extension.host_compilers`` raises ``RuntimeError`` when there is none,
-    and a missing compiler raises ``OSError``."""
+    formats an error). ``CannotBuild`` when there is no usable one."""
     from torch.utils import cpp_extension
 
     ops.define_schemas(PREFIX)
     define_hooks()
-    compilers, _ = _extension.host_compilers()
+    try:
+        compilers, _ = _extension.host_compilers()
+    except RuntimeError as exc:
+        raise CannotBuild(str(exc)) from exc
     saved = {name: os.environ.get(name) for name in compilers}
     os.environ.update(compilers)
     try:
@@ -56,6 +62,8 @@ def build_emulation(build_dir: str | os.PathLike) -> str:
             extra_cflags=["-DDBN_EMULATION", "-O2", "-Wno-unknown-pragmas"],
             build_directory=str(build_dir),
             is_python_module=False, verbose=False)
+    except OSError as exc:  # FileNotFoundError: no compiler at all
+        raise CannotBuild(str(exc)) from exc
     finally:
         for name, value in saved.items():
             if value is None:
