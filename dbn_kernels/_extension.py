@@ -197,16 +197,61 @@ def nvcc_release(cuda_home: str) -> str | None:
     return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
-def _needs_compile(cpp_extension, sources: list[str]) -> bool:
-    try:
-        build_dir = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
-    except Exception:
-        return True
+def _needs_compile(build_dir: str, sources: list[str]) -> bool:
     built = glob.glob(os.path.join(build_dir, f"{JIT_NAME}*.so"))
     if not built:
         return True
     newest_source = max(os.path.getmtime(s) for s in sources)
     return max(os.path.getmtime(b) for b in built) < newest_source
+
+
+def _hold_build_directory(build_dir: str, wait_s: float = 20 * 60):
+    """Take the build directory for this process's first-use build: the open file whose flock
+    this process now holds (closing it lets the next build in), or ``None`` where flock is not
+    available (then torch's lock file alone guards the directory, as before).
+
+    torch's loader guards the directory with an empty ``lock`` file, removed when its build ends,
+    and any other loader polls for that file to go away, without limit: a build killed mid-way
+    leaves it behind, and every later first use waited forever without a word. The file cannot
+    say whether its build still runs, so each first-use build also holds an flock, which the
+    kernel drops when the holder dies however it ends. Holding it, a ``lock`` file still there
+    was left by a dead build, and is removed. A live build in another process is waited for, at
+    most ``wait_s`` (a first-use build takes minutes), then ``TimeoutError`` says so."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    import time
+
+    holder = open(os.path.join(build_dir, "first_use_build.flock"), "a")
+    deadline = time.monotonic() + wait_s
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        except OSError:  # a file system without flock
+            holder.close()
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            holder.close()
+            raise TimeoutError(f"another process has been building the CUDA kernels in "
+                               f"{build_dir} for longer than this one waited ({wait_s:.0f} s); "
+                               "try again once it has finished")
+        if not waiting:
+            print(f"dbn_kernels: another process is building the CUDA kernels in {build_dir}; "
+                  f"waiting for it (at most {wait_s:.0f} s) ...", file=sys.stderr, flush=True)
+            waiting = True
+        time.sleep(min(1.0, left))
+    stale = os.path.join(build_dir, "lock")
+    if os.path.exists(stale):
+        os.remove(stale)
+        print(f"dbn_kernels: removed {stale}, left behind by a build that did not finish",
+              file=sys.stderr, flush=True)
+    return holder
 
 
 def compile_on_first_use() -> str | None:
@@ -243,21 +288,27 @@ def compile_on_first_use() -> str | None:
         cpp_extension.CUDA_HOME = cuda_home
         sources = [str(src / s) for s in SOURCES]
         includes = library_includes(cuda_home, torch_major)
-        if _needs_compile(cpp_extension, sources):
-            print("dbn_kernels: compiling the CUDA kernels for this GPU (first use only, a few "
-                  "minutes; cached in torch's extensions directory) ...", file=sys.stderr,
-                  flush=True)
+        held = None
         try:
+            build_dir = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
+            held = _hold_build_directory(build_dir)
+            if _needs_compile(build_dir, sources):
+                print("dbn_kernels: compiling the CUDA kernels for this GPU (first use only, a "
+                      "few minutes; cached in torch's extensions directory) ...",
+                      file=sys.stderr, flush=True)
             cpp_extension.load(
                 name=JIT_NAME,
                 sources=sources,
                 extra_include_paths=[str(src)],
                 extra_cflags=["-O3", *includes],
                 extra_cuda_cflags=["-O3", "-lineinfo", *includes],
+                build_directory=build_dir,
                 is_python_module=False,
                 verbose=False,
             )
-        finally:  # the user's environment as it was
+        finally:  # the build directory free for the next process; the environment as it was
+            if held is not None:
+                held.close()
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)

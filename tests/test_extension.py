@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,71 @@ def built():
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env}, cwd=tempfile.gettempdir())
+
+
+def _tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds used so far by process ``pid`` and all its descendants, the finished ones
+    included (a parent's cutime/cstime holds its reaped children's); ``None`` without /proc."""
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    children, ticks = {}, {}
+    for p in entries:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+        children.setdefault(int(fields[1]), []).append(p)
+        ticks[p] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c in children.get(p, []) if c not in tree]
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+STALL_CPU_S = 0.25
+"""CPU time a build in progress uses within any stall window, however loaded the machine: a
+compiler burns CPU the whole time, a process polling for a lock file to go away next to none."""
+
+
+def _run_build(what: str, code: str, *, limit_s: float, stall_s: float,
+               **env) -> subprocess.CompletedProcess:
+    """``_run`` for a build: fails the test, saying which, when ``code`` is stuck (``stall_s``
+    seconds in which it and its compilers used under ``STALL_CPU_S`` of CPU: waiting on
+    something, not compiling) or still running after ``limit_s``. A slow build on a loaded
+    machine is neither: a fixed deadline close to the build time fails there (113 s on two idle
+    cores ran past 300 s under load)."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+                            cwd=tempfile.gettempdir(), start_new_session=True)
+    cpu_s, progressed = 0.0, start
+    while True:
+        try:
+            out, err = proc.communicate(timeout=2)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            pass
+        now, used = time.monotonic(), _tree_cpu_s(proc.pid)
+        if used is None or used >= cpu_s + STALL_CPU_S:
+            cpu_s, progressed = used or cpu_s, now
+        if now - progressed > stall_s:
+            problem = (f"stuck: it and its child processes used under {STALL_CPU_S} s of CPU "
+                       f"in the last {stall_s:.0f} s (waiting on a lock?)")
+        elif now - start > limit_s:
+            problem = f"still running after {limit_s:.0f} s"
+        else:
+            continue
+        os.killpg(proc.pid, signal.SIGKILL)  # the compilers too: start_new_session
+        _, err = proc.communicate()
+        pytest.fail(f"{what}: {problem}, after {now - start:.0f} s and {cpu_s:.0f} s of CPU "
+                    f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); "
+                    f"killed. Its stderr ends:\n{err[-3000:]}")
 
 
 # ---- built -------------------------------------------------------------------------------------
@@ -124,10 +191,12 @@ def test_missing_extension_never_breaks_import(jit):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(45 * 60)  # _run_build's limits, with room: it fails first, saying why
 def test_compile_on_first_use(tmp_path):
     """The plain `pip install .` route: no _C, so the shipped sources are compiled once with
-    ninja into torch's extensions dir (a one-line message), and a second process reuses the build
-    silently. Without a GPU here, torch.cuda.is_available is patched and one arch is built."""
+    ninja into torch's extensions dir (here a private one; a one-line message), and a second
+    process reuses the build silently. Without a GPU here, torch.cuda.is_available is patched
+    and one arch is built."""
     if _extension.find_cuda_home() is None or not torch.version.cuda:
         pytest.skip("needs nvcc and a CUDA-enabled torch")
     code = (
@@ -141,13 +210,77 @@ def test_compile_on_first_use(tmp_path):
         "print('SCHEMA', torch.ops.dbn.cuda_backward.default._schema.name)\n")
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path), "TORCH_CUDA_ARCH_LIST": "9.0",
            "DBN_KERNELS_NO_JIT": "0"}
-    first = _run(code, **env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "LOAD None" in first.stdout and "SCHEMA dbn::cuda_backward" in first.stdout
+    # Limits that only a stuck or runaway build reaches: a build that keeps compiling, however
+    # slowly, is stopped only by the first (113 s on two idle cores).
+    first = _run_build("the first-use build", code, limit_s=30 * 60, stall_s=180, **env)
+    assert first.returncode == 0, "the first-use build failed:\n" + first.stderr[-3000:]
+    assert "LOAD None" in first.stdout and "SCHEMA dbn::cuda_backward" in first.stdout, \
+        first.stdout[-2000:] + first.stderr[-3000:]
     assert "dbn_kernels: compiling the CUDA kernels" in first.stderr
-    second = _run(code, **env)
-    assert "LOAD None" in second.stdout
+    second = _run_build("loading the cached build", code, limit_s=10 * 60, stall_s=120, **env)
+    assert "LOAD None" in second.stdout, second.stdout[-2000:] + second.stderr[-3000:]
     assert "compiling" not in second.stderr
+
+
+def test_first_use_build_clears_a_lock_left_by_a_dead_build(tmp_path):
+    """A build killed mid-way leaves torch's ``lock`` file in the build directory, and torch's
+    loader waits for that file to go away, without limit (a stale lock once stalled the suite for
+    14 minutes without a word). The first-use build removes it, saying so, and builds. torch's
+    loader and lock are the real ones; faked are the machine (a CUDA device and nvcc) and the
+    sources: one C++ file, built in seconds."""
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("needs ninja")
+    _system_compilers()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tiny.cpp").write_text("int dbn_kernels_tiny() { return 1; }\n")
+    build_dir = tmp_path / "extensions" / _extension.JIT_NAME
+    build_dir.mkdir(parents=True)
+    lock = build_dir / "lock"
+    lock.touch()  # what the killed build left: torch's lock, no process behind it
+    code = (
+        "import torch\n"
+        "from pathlib import Path\n"
+        "from dbn_kernels import _extension\n"
+        "torch.version.cuda = torch.version.cuda or '13.0'\n"
+        "torch.cuda.is_available = lambda: True\n"
+        f"_extension.find_cuda_home = lambda: {str(src)!r}\n"
+        "_extension.nvcc_release = lambda home: torch.version.cuda\n"
+        f"_extension.csrc_dir = lambda: Path({str(src)!r})\n"
+        "_extension.SOURCES = ('tiny.cpp',)\n"
+        "print('RESULT', _extension.compile_on_first_use())\n")
+    # Stuck after 60 s without CPU: torch's loader polling for the lock file.
+    proc = _run_build("the first-use build with a dead build's lock in its directory", code,
+                      limit_s=300, stall_s=60, TORCH_EXTENSIONS_DIR=str(build_dir.parent),
+                      DBN_KERNELS_NO_JIT="0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT None" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"dbn_kernels: removed {lock}" in proc.stderr
+    assert not lock.exists()
+    assert list(build_dir.glob(f"{_extension.JIT_NAME}*.so"))
+
+
+def test_first_use_build_waits_for_a_live_build_within_a_bound(tmp_path):
+    """Another process building into the directory is waited for, not forever: at the bound a
+    ``TimeoutError`` says what is going on (compile_on_first_use reports it as the reason). Its
+    ``lock`` file is left alone; once that build is gone the next one goes ahead."""
+    live = _extension._hold_build_directory(str(tmp_path))  # the other build, in progress
+    if live is None:
+        pytest.skip("no flock here")
+    lock = tmp_path / "lock"
+    try:
+        lock.touch()  # torch's, of the live build
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="another process has been building"):
+            _extension._hold_build_directory(str(tmp_path), wait_s=1)
+        assert time.monotonic() - start < 30
+        assert lock.exists()
+    finally:
+        live.close()  # that build ends without removing its lock, as a killed one
+    _extension._hold_build_directory(str(tmp_path), wait_s=1).close()
+    assert not lock.exists()
 
 
 # ---- a stale extension: built from older sources -------------------------------------------------
