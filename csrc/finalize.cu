@@ -8,7 +8,7 @@
 //   finalize_backward  sums -> grad_weight, grad_bias and the dx coefficients;
 //   merge_stack        a stack -> its one merged source (the batch_stats / backward_reduce passes).
 //
-// One warp per channel (warp_merge_sources). The count n is the stack's: with statistics from
+// One warp per channel (merge_channel). The count n is the stack's: with statistics from
 // several devices it is only known on the device.
 #include "dbn_common.cuh"
 
@@ -17,18 +17,21 @@ namespace {
 
 constexpr int kWarpsPerBlock = kThreads / 32;
 
-// This warp's channel (uniform per warp), or -1 past the last.
-__device__ __forceinline__ int64_t warp_channel(int64_t C) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  return c < C ? c : -1;
+// The stack entry of this warp's channel c merged over the sources (warp_merge_sources): true in
+// lane 0, which holds it; false in the other lanes, and in warps past the last channel.
+template <class MergeOp>
+__device__ __forceinline__ bool merge_channel(const float* __restrict__ stack, int64_t sources,
+                                              int64_t C, int64_t& c, float (&st)[kStackRows]) {
+  c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (c >= C) return false;  // uniform per warp: the whole warp takes part in the merge
+  warp_merge_sources<MergeOp>(stack, sources, C, c, st);
+  return (threadIdx.x & 31) == 0;
 }
 
 __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs a) {
-  const int64_t c = warp_channel(a.C);
-  if (c < 0) return;
+  int64_t c;
   float st[kStackRows];
-  warp_merge_sources<StatsMergeOp>(a.stats, a.sources, a.C, c, st);
-  if ((threadIdx.x & 31) != 0) return;
+  if (!merge_channel<StatsMergeOp>(a.stats, a.sources, a.C, c, st)) return;
 
   // The DBN step, mirroring reference.train_forward operation by operation.
   const float n = st[0];
@@ -86,11 +89,9 @@ __global__ void __launch_bounds__(kThreads) eval_prepare_kernel(EvalPrepareArgs 
 }
 
 __global__ void __launch_bounds__(kThreads) finalize_backward_kernel(FinalizeBackwardArgs a) {
-  const int64_t c = warp_channel(a.C);
-  if (c < 0) return;
+  int64_t c;
   float st[kStackRows];
-  warp_merge_sources<SumsMergeOp>(a.sums, a.sources, a.C, c, st);
-  if ((threadIdx.x & 31) != 0) return;
+  if (!merge_channel<SumsMergeOp>(a.sums, a.sources, a.C, c, st)) return;
 
   // The DBN backward as reference.backward computes it, with the -B * m_B term of the shift
   // moved into the element-wise pass as B * (x - m_B).
@@ -114,11 +115,9 @@ template <class MergeOp>
 __global__ void __launch_bounds__(kThreads)
 merge_stack_kernel(const float* __restrict__ stack, int64_t sources, int64_t C,
                    float* __restrict__ out) {
-  const int64_t c = warp_channel(C);
-  if (c < 0) return;
+  int64_t c;
   float st[kStackRows];
-  warp_merge_sources<MergeOp>(stack, sources, C, c, st);
-  if ((threadIdx.x & 31) != 0) return;
+  if (!merge_channel<MergeOp>(stack, sources, C, c, st)) return;
 #pragma unroll
   for (int f = 0; f < kStackRows; ++f) out[f * C + c] = st[f];
 }

@@ -11,11 +11,6 @@ namespace dbn {
 
 namespace {
 
-constexpr const char* kBackwardReduce = DBN_OP_NAME("backward_reduce");
-constexpr const char* kBackwardFinalize = DBN_OP_NAME("backward_finalize");
-constexpr const char* kBackwardDx = DBN_OP_NAME("backward_dx");
-constexpr const char* kBackward = DBN_OP_NAME("backward");
-
 int64_t dx_coef_rows(bool grad_through_stats, bool input_grad) {
   if (!input_grad) return 0;
   return grad_through_stats ? 4 : 1;
@@ -23,24 +18,15 @@ int64_t dx_coef_rows(bool grad_through_stats, bool input_grad) {
 
 Tensor as_float(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// Pass 1: the split partial sums (count, sum dy, sum dy * (x - mean)) as a (sources, 3, C) stack
-// in a fresh float32 workspace, `extra` floats after it (16-byte aligned) for the caller.
-struct SumsWorkspace {
-  Tensor storage;
-  float* stack;
-  int64_t sources;
-  float* extra;
-};
-
-SumsWorkspace reduce_sums(const Input& in, const Tensor& dy, const Tensor& mean, int64_t extra) {
+// Pass 1: the split partial sums (count, sum dy, sum dy * (x - mean)), with `extra` floats for
+// the caller.
+StackWorkspace reduce_sums(const Input& in, const Tensor& dy, const Tensor& mean, int64_t extra) {
   const Tensor mean_f = as_float(mean);
   const ReducePlan plan =
       plan_reduce(in, Reduction::kSums, std::min(alignment(in.t), alignment(dy)));
-  const int64_t stack_floats = padded(int64_t(plan.splits) * kStackRows * in.g.C);
-  Tensor storage = at::empty({stack_floats + extra}, in.t.options().dtype(at::kFloat));
-  float* stack = storage.data_ptr<float>();
-  launch_backward_reduce(dy, in.t, mean_f.const_data_ptr<float>(), plan, stack, in.stream);
-  return {storage, stack, plan.splits, stack + stack_floats};
+  StackWorkspace ws = stack_workspace(in, plan, extra);
+  launch_backward_reduce(dy, in.t, mean_f.const_data_ptr<float>(), plan, ws.stack, in.stream);
+  return ws;
 }
 
 void check_finalize_inputs(const OpCheck& check, const OptTensor& weight, const Tensor& invstd,
@@ -80,16 +66,9 @@ Tensors2 run_backward_finalize(const float* sums, int64_t sources, int64_t C,
                                bool input_grad, float* coef, const at::TensorOptions& fopts,
                                cudaStream_t stream) {
   Tensor grad_weight = at::empty({C}, fopts), grad_bias = at::empty({C}, fopts);
-  const FinalizeBackwardArgs args{sums,
-                                  sources,
-                                  C,
-                                  param(in.weight),
-                                  in.ptrs(),
-                                  grad_through_stats,
-                                  input_grad,
-                                  grad_weight.data_ptr<float>(),
-                                  grad_bias.data_ptr<float>(),
-                                  coef};
+  const FinalizeBackwardArgs args{sums, sources, C, param(in.weight), in.ptrs(),
+                                  grad_through_stats, input_grad, grad_weight.data_ptr<float>(),
+                                  grad_bias.data_ptr<float>(), coef};
   launch_finalize_backward(args, stream);
   return {grad_weight, grad_bias};
 }
@@ -112,7 +91,7 @@ Tensor run_dx(const Tensor& x, const Input& in, const Tensor& dy, const float* c
 // ---- passes -----------------------------------------------------------------------------------
 
 Tensor backward_reduce(const Tensor& grad_y, const Tensor& x, const Tensor& mean) {
-  const OpCheck check = OpCheck::input(kBackwardReduce, x);
+  const OpCheck check = OpCheck::input(DBN_OP_NAME("backward_reduce"), x);
   check.like_input("grad_y", grad_y, x);
   check.saved("mean", mean);
   if (x.scalar_type() == at::kDouble) {
@@ -124,7 +103,7 @@ Tensor backward_reduce(const Tensor& grad_y, const Tensor& x, const Tensor& mean
   Tensor sums = at::empty({kStackRows, C}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return sums.zero_();
   const Input in = kernel_input(x);
-  const SumsWorkspace ws = reduce_sums(in, match_layout(grad_y, in), mean, 0);
+  const StackWorkspace ws = reduce_sums(in, match_layout(grad_y, in), mean, 0);
   launch_merge_sums(ws.stack, ws.sources, C, sums.data_ptr<float>(), in.stream);
   return sums;
 }
@@ -132,7 +111,7 @@ Tensor backward_reduce(const Tensor& grad_y, const Tensor& x, const Tensor& mean
 Tensors3 backward_finalize(const Tensor& sums, const OptTensor& weight, const Tensor& invstd,
                            const Tensor& batch_mean, const Tensor& batch_invstd,
                            const Tensor& alpha, bool grad_through_stats, bool input_grad) {
-  const OpCheck check = OpCheck::stack(kBackwardFinalize, "sums", sums);
+  const OpCheck check = OpCheck::stack(DBN_OP_NAME("backward_finalize"), "sums", sums);
   check_finalize_inputs(check, weight, invstd, batch_mean, batch_invstd, alpha,
                         grad_through_stats);
   if (sums.scalar_type() == at::kDouble) {
@@ -153,7 +132,7 @@ Tensors3 backward_finalize(const Tensor& sums, const OptTensor& weight, const Te
 }
 
 Tensor backward_dx(const Tensor& grad_y, const Tensor& x, const Tensor& coef) {
-  const OpCheck check = OpCheck::input(kBackwardDx, x);
+  const OpCheck check = OpCheck::input(DBN_OP_NAME("backward_dx"), x);
   check.like_input("grad_y", grad_y, x);
   check.coef(coef, {1, 4});
   if (x.scalar_type() == at::kDouble) {
@@ -172,7 +151,7 @@ Tensors3 backward(const Tensor& grad_y, const Tensor& x, const OptTensor& weight
                   const Tensor& mean, const Tensor& invstd, const Tensor& batch_mean,
                   const Tensor& batch_invstd, const Tensor& alpha, bool grad_through_stats,
                   bool input_grad) {
-  const OpCheck check = OpCheck::input(kBackward, x);
+  const OpCheck check = OpCheck::input(DBN_OP_NAME("backward"), x);
   check.like_input("grad_y", grad_y, x);
   check.saved("mean", mean);
   check_finalize_inputs(check, weight, invstd, batch_mean, batch_invstd, alpha,
@@ -194,7 +173,7 @@ Tensors3 backward(const Tensor& grad_y, const Tensor& x, const OptTensor& weight
   const Input in = kernel_input(x);
   const Tensor dy = match_layout(grad_y, in);
   const int64_t rows = dx_coef_rows(grad_through_stats, input_grad);
-  const SumsWorkspace ws = reduce_sums(in, dy, mean, rows * C);
+  const StackWorkspace ws = reduce_sums(in, dy, mean, rows * C);
   float* coef = ws.extra;
   auto [grad_weight, grad_bias] = run_backward_finalize(
       ws.stack, ws.sources, C, fin, grad_through_stats, input_grad, coef, fopts, in.stream);

@@ -14,12 +14,6 @@ namespace dbn {
 
 namespace {
 
-constexpr const char* kBatchStats = DBN_OP_NAME("batch_stats");
-constexpr const char* kFinalize = DBN_OP_NAME("finalize");
-constexpr const char* kNormalize = DBN_OP_NAME("normalize");
-constexpr const char* kTrainForward = DBN_OP_NAME("train_forward");
-constexpr const char* kEvalForward = DBN_OP_NAME("eval_forward");
-
 at::TensorOptions float_options(const Tensor& like) { return like.options().dtype(at::kFloat); }
 
 int64_t* counter_ptr(const OptTensor& num_batches_tracked) {
@@ -41,22 +35,13 @@ struct SavedTensors {
   }
 };
 
-// Pass 1 of a step: the split partial statistics of x as a (sources, 3, C) stack in a fresh
-// float32 workspace, `extra` floats after it (16-byte aligned) for the caller; the step counted.
-struct StatsWorkspace {
-  Tensor storage;
-  float* stack;
-  int64_t sources;
-  float* extra;
-};
-
-StatsWorkspace collect_stats(const Input& in, int64_t* counter, int64_t extra) {
+// Pass 1 of a step: the split partial statistics of x, with `extra` floats for the caller; the
+// step counted.
+StackWorkspace collect_stats(const Input& in, int64_t* counter, int64_t extra) {
   const ReducePlan plan = plan_reduce(in, Reduction::kStats, alignment(in.t));
-  const int64_t stack_floats = padded(int64_t(plan.splits) * kStackRows * in.g.C);
-  Tensor storage = at::empty({stack_floats + extra}, float_options(in.t));
-  float* stack = storage.data_ptr<float>();
-  launch_collect_stats(in.t, plan, stack, counter, in.stream);
-  return {storage, stack, plan.splits, stack + stack_floats};
+  StackWorkspace ws = stack_workspace(in, plan, extra);
+  launch_collect_stats(in.t, plan, ws.stack, counter, in.stream);
+  return ws;
 }
 
 StepScalars step_scalars(const StepArgs& s) {
@@ -74,19 +59,9 @@ SavedTensors run_finalize(const float* stats, int64_t sources, int64_t C, const 
   const Tensor bias = contiguous_or_undefined(s.bias);
   InPlace running_mean(s.running_mean), running_var(s.running_var);
   InPlace dbn_mean(s.dbn_mean), dbn_std(s.dbn_std);
-  const FinalizeArgs args{stats,
-                          sources,
-                          C,
-                          step_scalars(s),
-                          counter_ptr(s.num_batches_tracked),
-                          running_mean.param(),
-                          running_var.param(),
-                          dbn_mean.param(),
-                          dbn_std.param(),
-                          param(weight),
-                          param(bias),
-                          saved.ptrs(),
-                          coef};
+  const FinalizeArgs args{stats, sources, C, step_scalars(s), counter_ptr(s.num_batches_tracked),
+                          running_mean.param(), running_var.param(), dbn_mean.param(),
+                          dbn_std.param(), param(weight), param(bias), saved.ptrs(), coef};
   launch_finalize(args, stream);
   for (InPlace* buffer : {&running_mean, &running_var, &dbn_mean, &dbn_std}) buffer->finish();
   return saved;
@@ -107,7 +82,7 @@ Tensor run_normalize(const Tensor& x, const Input& in, const float* coef) {
 // ---- passes -----------------------------------------------------------------------------------
 
 Tensor batch_stats(const Tensor& x, const OptTensor& num_batches_tracked) {
-  const OpCheck check = OpCheck::input(kBatchStats, x);
+  const OpCheck check = OpCheck::input(DBN_OP_NAME("batch_stats"), x);
   check.counter(num_batches_tracked);
   if (x.scalar_type() == at::kDouble) {
     return call_reference<decltype(batch_stats)>("dbn::reference_batch_stats", x,
@@ -121,7 +96,7 @@ Tensor batch_stats(const Tensor& x, const OptTensor& num_batches_tracked) {
     return stats.zero_();
   }
   const Input in = kernel_input(x);
-  const StatsWorkspace ws = collect_stats(in, counter_ptr(num_batches_tracked), 0);
+  const StackWorkspace ws = collect_stats(in, counter_ptr(num_batches_tracked), 0);
   launch_merge_stats(ws.stack, ws.sources, C, stats.data_ptr<float>(), in.stream);
   return stats;
 }
@@ -133,7 +108,7 @@ Tensors6 finalize(const Tensor& stats, const OptTensor& weight, const OptTensor&
                   double eps, double alpha_scale, double alpha_power, double alpha_offset) {
   const StepArgs step{weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                       num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset};
-  const OpCheck check = OpCheck::stack(kFinalize, "stats", stats);
+  const OpCheck check = OpCheck::stack(DBN_OP_NAME("finalize"), "stats", stats);
   check.step(step);
   if (stats.scalar_type() == at::kDouble) {
     return call_reference<decltype(finalize)>(
@@ -151,7 +126,7 @@ Tensors6 finalize(const Tensor& stats, const OptTensor& weight, const OptTensor&
 }
 
 Tensor normalize(const Tensor& x, const Tensor& coef) {
-  const OpCheck check = OpCheck::input(kNormalize, x);
+  const OpCheck check = OpCheck::input(DBN_OP_NAME("normalize"), x);
   check.coef(coef, {3});
   if (x.scalar_type() == at::kDouble) {
     return call_reference<decltype(normalize)>("dbn::reference_normalize", x, coef);
@@ -171,7 +146,7 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
                        double eps, double alpha_scale, double alpha_power, double alpha_offset) {
   const StepArgs step{weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                       num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset};
-  const OpCheck check = OpCheck::input(kTrainForward, x);
+  const OpCheck check = OpCheck::input(DBN_OP_NAME("train_forward"), x);
   check.step(step);
   const int64_t C = check.channels();
   const int64_t M = C > 0 ? x.numel() / C : 0;
@@ -194,7 +169,7 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
             at::ones({}, fopts)};
   }
   const Input in = kernel_input(x);
-  const StatsWorkspace ws = collect_stats(in, counter_ptr(num_batches_tracked), kStackRows * C);
+  const StackWorkspace ws = collect_stats(in, counter_ptr(num_batches_tracked), kStackRows * C);
   float* coef = ws.extra;
   SavedTensors s = run_finalize(ws.stack, ws.sources, C, step, coef, fopts, in.stream);
   Tensor y = run_normalize(x, in, coef);
@@ -203,7 +178,7 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
 
 Tensors2 eval_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                       const Tensor& mean, const Tensor& spread, double eps, bool spread_is_std) {
-  const OpCheck check = OpCheck::input(kEvalForward, x);
+  const OpCheck check = OpCheck::input(DBN_OP_NAME("eval_forward"), x);
   check.per_channel("weight", weight);
   check.per_channel("bias", bias);
   check.per_channel("mean", mean);

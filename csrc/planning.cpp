@@ -18,6 +18,10 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Floats of an array in a workspace followed by others: rounded up to 4, so that the next one
+// starts 16-byte aligned (vector loads).
+int64_t padded(int64_t n) { return (n + 3) / 4 * 4; }
+
 int64_t next_pow2(int64_t v) {
   int64_t p = 1;
   while (p < v) p <<= 1;
@@ -83,7 +87,7 @@ Layout classify(const Tensor& t) {
   return nsc ? Layout::kNSC : Layout::kOther;
 }
 
-// ---- planning -------------------------------------------------------------------------------------
+// ---- planning -----------------------------------------------------------------------------------
 // Elements per load of the reduction over x (and dy), whose common alignment is align bytes.
 // NCS: the widest load (16 bytes at most) that divides every row and the alignment; NSC: 16-byte
 // vectors of consecutive channels or scalars.
@@ -260,6 +264,13 @@ ElementwisePlan plan_elementwise(const Input& in, int64_t align, const Elementwi
     p.div_c = FastDiv(static_cast<uint32_t>(g.C));
   }
   return p;
+}
+
+StackWorkspace stack_workspace(const Input& in, const ReducePlan& plan, int64_t extra) {
+  const int64_t stack_floats = padded(int64_t(plan.splits) * kStackRows * in.g.C);
+  Tensor storage = at::empty({stack_floats + extra}, in.t.options().dtype(at::kFloat));
+  float* stack = storage.data_ptr<float>();
+  return {storage, stack, plan.splits, stack + stack_floats};
 }
 
 ElementwiseCoefs normalize_coefs(const float* coef, int64_t C) {

@@ -56,10 +56,6 @@ Output output_like(const Tensor& x, const Input& in);
 int64_t alignment(const void* p);
 inline int64_t alignment(const Tensor& t) { return alignment(t.const_data_ptr()); }
 
-// Floats of an array in a workspace followed by others: rounded up to 4, so that the next one
-// starts 16-byte aligned (vector loads).
-inline int64_t padded(int64_t n) { return (n + 3) / 4 * 4; }
-
 enum class Reduction { kStats, kSums };
 
 // The split grid of a reduction over the kernel input (and dy for kSums), whose data pointers
@@ -69,6 +65,16 @@ ReducePlan plan_reduce(const Input& in, Reduction kind, int64_t align);
 // The element-wise pass over the kernel input; align: the alignment common to its inputs and
 // output. The vector width also respects the alignment of the coefficient pointers.
 ElementwisePlan plan_elementwise(const Input& in, int64_t align, const ElementwiseCoefs& coefs);
+
+// A fresh float32 workspace for a reduction's split partials, a (plan.splits, 3, C) stack, and
+// `extra` floats after it (16-byte aligned) for the caller.
+struct StackWorkspace {
+  Tensor storage;
+  float* stack;
+  int64_t sources;
+  float* extra;
+};
+StackWorkspace stack_workspace(const Input& in, const ReducePlan& plan, int64_t extra);
 
 // Rows of a contiguous (rows, C) float32 coefficient tensor as the element-wise pass reads them.
 ElementwiseCoefs normalize_coefs(const float* coef, int64_t C);  // (center, scale, shift)
