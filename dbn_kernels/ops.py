@@ -22,7 +22,7 @@ GPU backends merge their per-block partial results in ``finalize`` directly)::
 
 The schemas below are written once, here: the reference and Triton backends are defined from
 them, and the C++ extension registers implementations only (``TORCH_LIBRARY_IMPL``) for the names
-``define_schemas`` creates. The fake implementations (shapes and dtypes for ``torch.compile``) are
+``define_schemas`` defines. The fake implementations (shapes and dtypes for ``torch.compile``) are
 shared by every backend, so every output shape depends on the input shapes alone.
 
 Per-channel statistics (the "stat dtype": float32, float64 for float64 input):
@@ -195,11 +195,13 @@ def op(backend: str, entry: str):
 
 
 def define_schemas(backend: str) -> None:
-    """Define every op of ``backend`` with its schema and shared fake, once per process.
+    """Define every op of ``backend`` with its schema and shared fake, once per process (names
+    already defined are left alone).
 
-    For the compiled backends this runs before the extension is loaded: the extension then only
-    registers kernels for these names, and a kernel whose C++ signature does not match its schema
-    fails the load (see ``_extension.load``)."""
+    For the compiled extension this runs right after it is loaded: the extension registers
+    kernels only, the dispatcher checks each kernel's C++ signature against its schema when the
+    schema arrives, and a mismatch (a build from older sources) raises here, where
+    ``_extension.check_registration`` turns it into a clear message."""
     for entry, schema in SCHEMAS.items():
         name = qualname(backend, entry)
         if _is_defined(name):
