@@ -239,6 +239,24 @@ def check_eval(backend, x, w, b, mean, spread, spread_is_std):
         assert_low_precision_close(y, y64, baseline, "y")
 
 
+def check_step(backend, x, dy=None, steps=2):
+    """Training steps on ``x`` from fresh parameters and buffers (the second with a_k < 1 and
+    mu_k != m_B), backward with and without gradient through the statistics, evaluation with
+    either stored statistic: each against the float64 reference."""
+    C = x.shape[1]
+    w, b = params(C, device=x.device)
+    st = make_state(C, device=x.device)
+    ref = as_double(st)
+    for _ in range(steps):
+        out, out64 = check_train_step(backend, x, w, b, st, ref)
+        assert_buffers_close(st, ref, exact_dtype=True)
+    dy = torch.randn_like(x) if dy is None else dy
+    for grad_through_stats in (True, False):
+        check_backward(backend, x, dy, w, out, out64, grad_through_stats)
+    check_eval(backend, x, w, b, st["dbn_mean"], st["dbn_std"], True)
+    check_eval(backend, x, w, b, st["running_mean"], st["running_var"], False)
+
+
 def bits(t):
     """The raw bytes of ``t``: bitwise equality, NaN included."""
     return t.reshape(-1).contiguous().view(torch.uint8)
