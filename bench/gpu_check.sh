@@ -44,12 +44,15 @@ KERNEL_CASES=(--suite resnet50 --batch 64 --layout both --mode train-fwd fwd-bwd
 COMPILE_SHAPES=64x64x112x112,64x1024x14x14
 MODEL_VARIANTS=torch,cuda-bn,cuda-dbn,triton-bn,triton-dbn
 
-# The GPU tests: everything marked gpu, and the Triton backend's op-level tests, which run on CUDA
-# tensors when a GPU is present. Left out: the ahead-of-time compile of every Triton variant for
-# sm_80/sm_90 (host-only, minutes; CI runs it).
+# The GPU tests: everything marked gpu (the cuda backend's cases of the op-contract suite among
+# them), and the Triton and reference backends' cases of that suite with the Triton backend's own
+# tests, which run on CUDA tensors when a GPU is present. Left out: the CPU emulation of the cuda
+# backend and the ahead-of-time compile of every Triton variant for sm_80/sm_90 (host-only,
+# minutes; CI runs both).
 GPU_TESTS=(-m gpu tests)
 TRITON_AOT_TEST=tests/test_triton.py::test_every_kernel_variant_compiles_for_sm80_and_sm90
-TRITON_TESTS=(tests/test_triton.py --deselect "$TRITON_AOT_TEST")
+TRITON_TESTS=(tests/test_triton.py tests/test_op_contract.py -k "not emu and not cuda"
+              --deselect "$TRITON_AOT_TEST")
 
 START_S=$(date +%s)
 cd "$(dirname "$0")/.." || exit 2

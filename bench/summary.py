@@ -437,10 +437,11 @@ def _plan_section(plan: dict | None) -> list[str]:
 
 
 def _collected(directory: Path) -> list[str]:
-    """A dry run's test collection: pytest's closing line of each collect-*.log."""
+    """A dry run's test collection: pytest's closing line of each collect-*.log (framed in
+    ``=`` under ``-v``)."""
     lines = []
     for path in sorted(directory.glob("collect-*.log")):
-        found = re.findall(r"^(\d+(?:/\d+)? tests? collected.*?)(?: in [\d.]+s)?$",
+        found = re.findall(r"^=*\s*(\d+(?:/\d+)? tests? collected.*?)(?: in [\d.]+s)?\s*=*$",
                            path.read_text(errors="replace"), re.MULTILINE)
         lines.append(f"- {path.stem.removeprefix('collect-')}: "
                      + (found[-1] if found else "no collection line (see the log)"))

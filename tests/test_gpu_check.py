@@ -6,6 +6,7 @@ own functions."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -53,6 +54,12 @@ def test_dry_run_succeeds_and_leaves_the_summary_and_one_tarball(dry_run):
         assert (unpacked / name).is_file(), name
     # the stdout ends with the summary, so a caller that keeps only the output's tail has it
     assert "## Goals" in proc.stdout and "plan fits" in proc.stdout
+    # every test selection of the GPU run collects tests (the op-contract suite's among them)
+    collected = re.findall(r"^- (\S+): (\d+)(?:/\d+)? tests? collected", text, re.MULTILINE)
+    assert sorted(name for name, _ in collected) == ["deselected-test", "tests-gpu",
+                                                      "tests-triton"], text
+    assert all(int(n) > 0 for _, n in collected)
+    assert "tests/test_op_contract.py" in (unpacked / "collect-tests-triton.log").read_text()
 
 
 def test_dry_run_logs_every_stage_as_ok(dry_run):
