@@ -258,7 +258,10 @@ def test_first_use_build_clears_a_lock_left_by_a_dead_build(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT None" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"dbn_kernels: removed {lock}" in proc.stderr
-    assert not lock.exists()
+    if hasattr(cpp_extension, "FileBaton"):
+        # torch 2.11's loader: a lock file blocks by existing, and a build removes its own at
+        # the end. torch 2.14's holds an flock on the file instead and leaves it in place.
+        assert not lock.exists()
     assert list(build_dir.glob(f"{_extension.JIT_NAME}*.so"))
 
 
