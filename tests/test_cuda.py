@@ -56,15 +56,14 @@ def cuda_ops():
 
 @pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
 def runner(request):
+    """The backend under test, with every uninitialised allocation poisoned while the test runs
+    (the module-level GPU tests below run as a user's code would, without it)."""
     if request.param == "cuda":
-        return Backend(request.getfixturevalue("cuda_ops"), "cuda")
-    return Backend(request.getfixturevalue("emulation"), "cpu")
-
-
-@pytest.fixture(autouse=True)
-def _poisoned():
+        backend = Backend(request.getfixturevalue("cuda_ops"), "cuda")
+    else:
+        backend = Backend(request.getfixturevalue("emulation"), "cpu")
     with poisoned_allocations():
-        yield
+        yield backend
 
 
 # ---- access widths and grids --------------------------------------------------------------------
