@@ -186,14 +186,19 @@ def _dx(dy, xk, geo, coef):
     return grad_x
 
 
+def _kernel_inputs(grad_y, x):
+    """x as the kernels read it, its geometry, and dy in x's memory order: dy is read with x's
+    offsets, so another memory format (or an expanded gradient) is copied."""
+    xk, geo = kernel_input(x)
+    return xk, geo, same_layout(grad_y, xk, geo)
+
+
 # ---- the passes --------------------------------------------------------------------------------
 
 def backward_reduce(grad_y, x, mean):
     if needs_reference(x):
         return reference.backward_reduce(grad_y, x, mean)
-    xk, geo = kernel_input(x)
-    # dy is read with x's offsets: another memory format (or an expanded gradient) is copied.
-    dy = same_layout(grad_y, xk, geo)
+    xk, geo, dy = _kernel_inputs(grad_y, x)
     with device_guard(x):
         return merge(_reduce(dy, xk, geo, mean), stats=False)
 
@@ -211,8 +216,7 @@ def backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alpha, gra
 def backward_dx(grad_y, x, coef):
     if needs_reference(x):
         return reference.backward_dx(grad_y, x, coef)
-    xk, geo = kernel_input(x)
-    dy = same_layout(grad_y, xk, geo)
+    xk, geo, dy = _kernel_inputs(grad_y, x)
     with device_guard(x):
         grad_x = _dx(dy, xk, geo, coef.to(torch.float32).contiguous())
     return grad_x if xk is x else as_promised(grad_x, x)
@@ -227,8 +231,7 @@ def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
     if needs_reference(x):
         return reference.backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd,
                                   alpha, grad_through_stats, input_grad)
-    xk, geo = kernel_input(x)
-    dy = same_layout(grad_y, xk, geo)
+    xk, geo, dy = _kernel_inputs(grad_y, x)
     with device_guard(x):
         stack = _reduce(dy, xk, geo, mean)
         grad_weight, grad_bias, coef = _finalize(stack, weight, invstd, batch_mean, batch_invstd,
