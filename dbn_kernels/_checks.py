@@ -32,7 +32,10 @@ def _per_channel_error(name: str, t: torch.Tensor, C: int, x: torch.Tensor) -> E
 
 
 def check_call(x, *, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-               num_batches_tracked, training, momentum, eps, needs_counter) -> None:
+               num_batches_tracked, training, momentum, eps, needs_counter,
+               batch_is_local=True) -> None:
+    """``batch_is_local=False``: the batch statistics cover several ranks' batches, so a rank's
+    own batch may hold a single value per channel (or none)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2:
@@ -67,6 +70,6 @@ def check_call(x, *, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     if momentum is not None and not (isinstance(momentum, (int, float))
                                      and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
-    if training and x.numel() > 0 and x.numel() // C == 1:
+    if training and batch_is_local and x.numel() > 0 and x.numel() // C == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.size()}")

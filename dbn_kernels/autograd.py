@@ -1,8 +1,9 @@
 """The autograd seam: one ``torch.autograd.Function`` for every backend.
 
 Forward runs the backend's ``train_forward`` or ``eval_forward`` op and saves the same tensors
-whatever the backend; backward runs the backend's ``backward`` op. Swapping a backend never
-touches this file.
+whatever the backend; backward runs the backend's ``backward`` op. A training step over a process
+group runs the same backend's passes with a collective between them instead (``sync``). Swapping
+a backend never touches this file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import sync
 from .ops import op
 
 
@@ -18,15 +20,20 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-_NO_GRADS = (None,) * 12  # for the arguments after (x, weight, bias)
+_NO_GRADS = (None,) * 13  # for the arguments after (x, weight, bias)
 
 
 def _backward(ctx, grad_y):
     x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x, grad_w, grad_b = op(ctx.backend, "backward")(
-        grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-        ctx.grad_through_stats, need_x)
+    if ctx.group is not None:
+        grad_x, grad_w, grad_b = sync.backward(
+            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+            ctx.grad_through_stats, need_x, need_w or need_b, ctx.backend, ctx.group)
+    else:
+        grad_x, grad_w, grad_b = op(ctx.backend, "backward")(
+            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+            ctx.grad_through_stats, need_x)
     return (
         grad_x if need_x else None,
         _as(grad_w, weight.dtype) if need_w else None,
@@ -43,10 +50,15 @@ _backward_once_differentiable = once_differentiable(_backward)
 
 
 def run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                num_batches_tracked, training, momentum, eps, alpha_params, eval_stats, backend):
+                num_batches_tracked, training, momentum, eps, alpha_params, eval_stats, backend,
+                group=None):
     """The backend's forward op: ``y`` and what backward needs, ``(mean, invstd, batch_mean,
     batch_invstd, alpha)``. Called by the Function below, and directly when no gradient will be
-    asked for (no graph to record: inference, ``torch.no_grad()``)."""
+    asked for (no graph to record: inference, ``torch.no_grad()``). ``group``: a process group
+    whose statistics a training step uses (``None``: this device's batch alone)."""
+    if training and group is not None:
+        return sync.train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                                  num_batches_tracked, momentum, eps, alpha_params, backend, group)
     if training:
         y, *saved = op(backend, "train_forward")(
             x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
@@ -66,15 +78,17 @@ class DiminishingBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
-                grad_through_stats, backend):
+                grad_through_stats, backend, group):
         y, saved = run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                                num_batches_tracked, training, momentum, eps, alpha_params,
-                               eval_stats, backend)
+                               eval_stats, backend, group)
         if not training:
             grad_through_stats = False
+            group = None
         ctx.save_for_backward(x, weight, *saved)
         ctx.grad_through_stats = grad_through_stats
         ctx.backend = backend
+        ctx.group = group
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 

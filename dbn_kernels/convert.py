@@ -1,4 +1,4 @@
-"""``convert``: swap every ``torch.nn.BatchNorm1d/2d/3d`` in a model for the project's layers."""
+"""``convert``: swap every batch norm in a model for the project's layers."""
 
 from __future__ import annotations
 
@@ -12,53 +12,96 @@ _PLAIN = {nn.BatchNorm1d: modules.BatchNorm1d, nn.BatchNorm2d: modules.BatchNorm
 _DIMINISHING = {nn.BatchNorm1d: modules.DiminishingBatchNorm1d,
                 nn.BatchNorm2d: modules.DiminishingBatchNorm2d,
                 nn.BatchNorm3d: modules.DiminishingBatchNorm3d}
+_SYNC = (modules.SyncBatchNorm, modules.SyncDiminishingBatchNorm)
 
 
 def _torch_base(module: nn.Module) -> type | None:
-    for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
         if isinstance(module, base):
             return base
     return None
 
 
-def _replacement(bn: nn.Module, base: type, alpha, backend: str, kwargs: dict) -> nn.Module:
+def _common(bn: nn.Module, backend: str) -> dict:
     affine = bn.weight is not None
-    common = dict(eps=bn.eps, momentum=bn.momentum, affine=affine,
-                  track_running_stats=bn.track_running_stats, bias=bn.bias is not None or not affine,
-                  backend=backend, device=None, dtype=None)
-    if alpha is None:
-        new = _PLAIN[base](bn.num_features, **common, **kwargs)
-    else:
-        new = _DIMINISHING[base](bn.num_features, **common, alpha=alpha, **kwargs)
-    # Reuse the very parameter and buffer objects: optimisers and hooks that hold them keep working.
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(bn, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(bn, name))
-    if alpha is not None:
-        stats = bn.running_mean
-        new.dbn_mean = stats.detach().clone()
-        new.dbn_std = torch.sqrt(bn.running_var.detach() + bn.eps)
-    new.train(bn.training)
+    return dict(eps=bn.eps, momentum=bn.momentum, affine=affine,
+                track_running_stats=bn.track_running_stats,
+                bias=bn.bias is not None or not affine, backend=backend, device=None, dtype=None)
+
+
+def _adopt(new: nn.Module, old: nn.Module, names) -> nn.Module:
+    """Give ``new`` the very parameter and buffer objects of ``old`` (optimisers and hooks that
+    hold them keep working) and its ``training`` flag."""
+    for name in names:
+        setattr(new, name, getattr(old, name))
+    new.train(old.training)
     return new
 
 
-def convert(module: nn.Module, *, alpha=None, backend: str = "auto", **kwargs) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` (recursively, in place) and return it.
+_SHARED = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
-    ``alpha=None`` gives the plain ``BatchNorm*d`` (same numbers, faster kernels); any other
-    value the ``DiminishingBatchNorm*d`` with that schedule, its averages seeded from the running
-    statistics. Parameters and buffers are reused, not copied; ``training`` is kept. Extra
-    keywords (``eval_stats``, ``grad_through_stats``) go to the new layers. Layers that already
-    are the project's are left alone.
+
+def _from_torch(bn: nn.Module, base: type, alpha, sync: bool, process_group, backend: str,
+                kwargs: dict) -> nn.Module:
+    """A project layer in place of one of torch's (a ``torch.nn.SyncBatchNorm`` stays sync)."""
+    common = _common(bn, backend)
+    if sync or base is nn.SyncBatchNorm:
+        group = process_group if process_group is not None else getattr(bn, "process_group", None)
+        cls = modules.SyncBatchNorm if alpha is None else modules.SyncDiminishingBatchNorm
+        common["process_group"] = group
+    else:
+        cls = (_PLAIN if alpha is None else _DIMINISHING)[base]
+    if alpha is None:
+        new = cls(bn.num_features, **common, **kwargs)
+    else:
+        new = cls(bn.num_features, **common, alpha=alpha, **kwargs)
+        # The averages start from the running statistics.
+        new.dbn_mean = bn.running_mean.detach().clone()
+        new.dbn_std = torch.sqrt(bn.running_var.detach() + bn.eps)
+    return _adopt(new, bn, _SHARED)
+
+
+def _to_sync(layer: nn.Module, process_group) -> nn.Module:
+    """A local project layer as its sync counterpart, every setting and tensor kept."""
+    common = _common(layer, layer.backend)
+    if isinstance(layer, modules._DiminishingMixin):
+        new = modules.SyncDiminishingBatchNorm(
+            layer.num_features, **common, process_group=process_group, alpha=layer.alpha,
+            eval_stats=layer.eval_stats, grad_through_stats=layer.grad_through_stats)
+        return _adopt(new, layer, _SHARED + ("dbn_mean", "dbn_std"))
+    new = modules.SyncBatchNorm(layer.num_features, **common, process_group=process_group)
+    return _adopt(new, layer, _SHARED)
+
+
+def convert(module: nn.Module, *, alpha=None, sync: bool = False, process_group=None,
+            backend: str = "auto", **kwargs) -> nn.Module:
+    """Replace every batch norm in ``module`` (recursively, in place) and return it.
+
+    ``torch.nn.BatchNorm1d/2d/3d`` becomes, with ``alpha=None``, the plain ``BatchNorm*d`` (same
+    numbers, faster kernels), with any other ``alpha`` the ``DiminishingBatchNorm*d`` with that
+    schedule, its averages seeded from the running statistics. Extra keywords (``eval_stats``,
+    ``grad_through_stats``) go to the new layers.
+
+    ``sync=True`` gives the layers that normalise with the statistics of every rank of
+    ``process_group`` (default: the whole default group) in training: ``SyncBatchNorm`` or
+    ``SyncDiminishingBatchNorm``, for ``torch.nn.BatchNorm*d``, for ``torch.nn.SyncBatchNorm``
+    and for the project's own local layers, which keep their kind and settings (a Diminishing
+    layer stays Diminishing, whatever ``alpha``). A ``torch.nn.SyncBatchNorm`` becomes a sync
+    layer even with ``sync=False`` (keeping its own group unless ``process_group`` is given):
+    converting never drops synchronisation. Otherwise the project's layers are left alone.
+
+    Parameters and buffers are reused, not copied; ``training`` is kept.
     """
-    if isinstance(module, (modules._ProjectNorm,)):
+    if isinstance(module, _SYNC):
         return module
+    if isinstance(module, modules._ProjectNorm):
+        return _to_sync(module, process_group) if sync else module
     base = _torch_base(module)
     if base is not None:
-        return _replacement(module, base, alpha, backend, kwargs)
+        return _from_torch(module, base, alpha, sync, process_group, backend, kwargs)
     for name, child in module.named_children():
-        new = convert(child, alpha=alpha, backend=backend, **kwargs)
+        new = convert(child, alpha=alpha, sync=sync, process_group=process_group,
+                      backend=backend, **kwargs)
         if new is not child:
             setattr(module, name, new)
     return module

@@ -6,6 +6,7 @@ import torch
 
 from . import backends
 from ._checks import check_call
+from .sync import group_to_sync
 from .autograd import DiminishingBatchNormFunction, run_forward
 from .schedules import AlphaLike, HostSchedule, as_schedule
 
@@ -17,8 +18,10 @@ _BN_SCHEDULE = (1.0, 0.0, 0.0)  # a_k = 1: plain batch norm
 
 def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                num_batches_tracked, *, training, momentum, eps, alpha_params, eval_stats,
-               grad_through_stats, backend):
+               grad_through_stats, backend, process_group):
     use_batch_stats = training or (running_mean is None and dbn_mean is None)
+    # Statistics cross ranks in training only; eval is local, as in torch.nn.SyncBatchNorm.
+    group = group_to_sync(process_group) if training else None
     if not use_batch_stats:
         stats = dbn_mean if eval_stats == "dbn" else running_mean
         if stats is None:
@@ -26,13 +29,14 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     check_call(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                dbn_mean=dbn_mean, dbn_std=dbn_std, num_batches_tracked=num_batches_tracked,
                training=use_batch_stats, momentum=momentum, eps=eps,
-               needs_counter=training and (dbn_mean is not None or momentum is None))
+               needs_counter=training and (dbn_mean is not None or momentum is None),
+               batch_is_local=group is None)
     if not training:
         # Buffers change in training only. Batch statistics in eval (no buffers to read) are a
         # training step with every update switched off.
         num_batches_tracked = None
     name = backends.resolve(backend, x.device)
-    if x.numel() == 0:
+    if x.numel() == 0 and group is None:
         # PyTorch: an empty batch gives an empty output, leaves the statistics alone and still
         # counts a step.
         if training and num_batches_tracked is not None:
@@ -46,10 +50,10 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         # machinery is a third of an eval call's host time on a GPU).
         return run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                            num_batches_tracked, use_batch_stats, momentum, eps, alpha_params,
-                           eval_stats, name)[0]
+                           eval_stats, name, group)[0]
     return DiminishingBatchNormFunction.apply(
         x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
-        use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name)
+        use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name, group)
 
 
 def _requires_grad(t: torch.Tensor | None) -> bool:
@@ -61,17 +65,22 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                bias: torch.Tensor | None = None, training: bool = False,
                momentum: float | None = 0.1, eps: float = 1e-5, *,
                num_batches_tracked: torch.Tensor | None = None,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", process_group=None) -> torch.Tensor:
     """``torch.nn.functional.batch_norm`` on the project's kernels.
 
     Unlike PyTorch's functional form this one counts steps itself: pass ``num_batches_tracked``
     and it is incremented on the device in training (required for ``momentum=None``, PyTorch's
     cumulative average, which needs k without a host round trip).
+
+    ``process_group``: in training, normalise with the statistics of every rank's batch of this
+    ``torch.distributed`` group (``torch.distributed.group.WORLD`` for all ranks), as
+    ``torch.nn.SyncBatchNorm`` does; every rank must call it, with an empty batch if it has none.
+    ``None`` (the default) or a group of one rank: this call's batch alone.
     """
     return _normalize(input, weight, bias, running_mean, running_var, None, None,
                       num_batches_tracked, training=training, momentum=momentum, eps=eps,
                       alpha_params=_BN_SCHEDULE, eval_stats="running",
-                      grad_through_stats=True, backend=backend)
+                      grad_through_stats=True, backend=backend, process_group=process_group)
 
 
 def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std: torch.Tensor,
@@ -82,10 +91,11 @@ def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std:
                            alpha: AlphaLike = 0.25, momentum: float | None = 0.1,
                            eps: float = 1e-5, *, eval_stats: str = "dbn",
                            grad_through_stats: bool = True,
-                           backend: str = "auto") -> torch.Tensor:
-    """Diminishing batch norm (Ma & Klabjan, Algorithm 1): normalise with the a_k-weighted average of the batch
-    mean and standard deviation, kept in ``dbn_mean``/``dbn_std`` and updated in training.
-    PyTorch's ``running_mean``/``running_var`` are updated alongside when given."""
+                           backend: str = "auto", process_group=None) -> torch.Tensor:
+    """Diminishing batch norm (Ma & Klabjan, Algorithm 1): normalise with the a_k-weighted
+    average of the batch mean and standard deviation, kept in ``dbn_mean``/``dbn_std`` and
+    updated in training. PyTorch's ``running_mean``/``running_var`` are updated alongside when
+    given. ``process_group`` as in ``batch_norm``: the batch statistics of every rank."""
     if eval_stats not in EVAL_STATS:
         raise ValueError(f"eval_stats must be one of {EVAL_STATS}, got {eval_stats!r}")
     if dbn_mean is None or dbn_std is None or num_batches_tracked is None:
@@ -98,4 +108,5 @@ def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std:
     return _normalize(input, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                       num_batches_tracked, training=training, momentum=momentum, eps=eps,
                       alpha_params=alpha_params, eval_stats=eval_stats,
-                      grad_through_stats=bool(grad_through_stats), backend=backend)
+                      grad_through_stats=bool(grad_through_stats), backend=backend,
+                      process_group=process_group)

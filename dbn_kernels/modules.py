@@ -1,12 +1,16 @@
-"""Drop-in modules: subclasses of ``torch.nn.BatchNorm1d/2d/3d`` on the project's kernels.
+"""Drop-in modules: subclasses of ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``
+on the project's kernels.
 
-``BatchNorm*d`` has exactly PyTorch's parameters, buffers and state_dict. ``DiminishingBatchNorm*d``
-adds the buffers ``dbn_mean`` and ``dbn_std``; a plain batch-norm checkpoint (which lacks them)
-loads under ``strict=True`` and seeds them from the running statistics.
+``BatchNorm*d`` and ``SyncBatchNorm`` have exactly PyTorch's parameters, buffers and state_dict.
+``DiminishingBatchNorm*d`` and ``SyncDiminishingBatchNorm`` add the buffers ``dbn_mean`` and
+``dbn_std``; a plain batch-norm checkpoint (which lacks them) loads under ``strict=True`` and seeds
+them from the running statistics. The sync layers normalise a training batch with the statistics
+of every rank of their process group and are the local layers otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -16,12 +20,18 @@ from . import backends
 from ._checks import check_rank
 from .functional import EVAL_STATS, batch_norm, diminishing_batch_norm
 from .schedules import AlphaLike, as_schedule
+from .sync import group_or_default
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "DiminishingBatchNorm1d",
-           "DiminishingBatchNorm2d", "DiminishingBatchNorm3d"]
+           "DiminishingBatchNorm2d", "DiminishingBatchNorm3d", "SyncBatchNorm",
+           "SyncDiminishingBatchNorm"]
 
-# torch >= 2.12 takes `bias=` itself; on 2.11 the same parameter layout is built here.
-_TORCH_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
+
+@functools.lru_cache(maxsize=None)
+def _takes_bias(torch_cls) -> bool:
+    """torch >= 2.12's layers take ``bias=`` themselves; before, the layout is built here."""
+    return "bias" in inspect.signature(torch_cls.__init__).parameters
+
 
 _RANKS = {1: ((2, 3), "2D or 3D"), 2: ((4,), "4D"), 3: ((5,), "5D")}
 
@@ -30,14 +40,15 @@ class _ProjectNorm:
     """What the plain and the Diminishing layers share: construction, rank check, backend."""
 
     _dims: int
+    _torch_cls: type
 
-    def _setup(self, torch_cls, num_features, eps, momentum, affine, track_running_stats,
-               device, dtype, bias, backend):
-        kwargs = {"device": device, "dtype": dtype}
-        if _TORCH_HAS_BIAS_KWARG:
+    def _setup(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+               bias, backend, **torch_kwargs):
+        kwargs = {"device": device, "dtype": dtype, **torch_kwargs}
+        if _takes_bias(self._torch_cls):
             kwargs["bias"] = bias
-        torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
-                           **kwargs)
+        self._torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                                 **kwargs)
         if affine and not bias and self.bias is not None:
             self.register_parameter("bias", None)
         self.backend = backends.validate_name(backend)
@@ -49,13 +60,17 @@ class _ProjectNorm:
     def _updates_buffers(self) -> bool:
         return self.training and self.track_running_stats
 
+    def _process_group(self):
+        """The group a training step synchronises over; ``None`` for the local layers."""
+        return None
+
 
 class _BatchNormMixin(_ProjectNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, backend: str = "auto") -> None:
-        self._setup(self._torch_cls, num_features, eps, momentum, affine, track_running_stats,
-                    device, dtype, bias, backend)
+        self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
+                    backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -66,7 +81,7 @@ class _BatchNormMixin(_ProjectNorm):
             self.running_var if tracked else None,
             self.weight, self.bias, self.training, self.momentum, self.eps,
             num_batches_tracked=self.num_batches_tracked if self._updates_buffers() else None,
-            backend=self.backend)
+            backend=self.backend, process_group=self._process_group())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
@@ -77,13 +92,19 @@ class _DiminishingMixin(_ProjectNorm):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, alpha: AlphaLike = 0.25, eval_stats: str = "dbn",
                  grad_through_stats: bool = True, backend: str = "auto") -> None:
+        self._setup_diminishing(num_features, eps, momentum, affine, track_running_stats, device,
+                                dtype, bias, alpha, eval_stats, grad_through_stats, backend)
+
+    def _setup_diminishing(self, num_features, eps, momentum, affine, track_running_stats,
+                           device, dtype, bias, alpha, eval_stats, grad_through_stats, backend,
+                           **torch_kwargs):
         if not track_running_stats:
             raise ValueError(
                 f"{type(self).__name__} keeps its averaged statistics in buffers and needs "
                 "track_running_stats=True; use BatchNorm with track_running_stats=False for "
                 "batch statistics only")
-        self._setup(self._torch_cls, num_features, eps, momentum, affine, track_running_stats,
-                    device, dtype, bias, backend)
+        self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
+                    backend, **torch_kwargs)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("dbn_mean", torch.zeros(num_features, **factory))
         self.register_buffer("dbn_std", torch.ones(num_features, **factory))
@@ -123,7 +144,7 @@ class _DiminishingMixin(_ProjectNorm):
             input, self.dbn_mean, self.dbn_std, self.num_batches_tracked, self.weight, self.bias,
             self.running_mean, self.running_var, self.training, self._alpha, self.momentum,
             self.eps, eval_stats=self._eval_stats, grad_through_stats=self.grad_through_stats,
-            backend=self.backend)
+            backend=self.backend, process_group=self._process_group())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -184,3 +205,63 @@ class DiminishingBatchNorm3d(_DiminishingMixin, nn.BatchNorm3d):
     """Diminishing batch norm over (N, C, D, H, W); see ``DiminishingBatchNorm2d``."""
 
     _torch_cls, _dims = nn.BatchNorm3d, 3
+
+
+# ---- synchronised over a process group ---------------------------------------------------------
+
+class _SyncMixin(_ProjectNorm):
+    """``torch.nn.SyncBatchNorm``'s behaviour: any input of rank >= 2; in training, with
+    ``torch.distributed`` initialised and more than one rank in ``process_group`` (``None``: the
+    default group), the batch statistics of every rank; otherwise the local layer's step."""
+
+    _torch_cls = nn.SyncBatchNorm
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _process_group(self):
+        return group_or_default(self.process_group) if self.training else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_non_zero_input_channels(input)
+        return super().forward(input)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Every batch norm in ``module`` as this project's sync layer: ``dbn_kernels.convert``
+        with ``sync=True`` (torch's own version would turn Diminishing layers into plain
+        ``torch.nn.SyncBatchNorm``)."""
+        from .convert import convert
+
+        return convert(module, alpha=cls._convert_alpha, sync=True, process_group=process_group)
+
+
+class SyncBatchNorm(_SyncMixin, _BatchNormMixin, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on dbn_kernels' kernels, on any device ``torch.distributed``
+    serves (NCCL on CUDA, gloo on CPU); extra keyword ``backend``."""
+
+    _convert_alpha = None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, bias: bool = True, backend: str = "auto") -> None:
+        self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
+                    backend, process_group=process_group)
+
+
+class SyncDiminishingBatchNorm(_SyncMixin, _DiminishingMixin, nn.SyncBatchNorm):
+    """Diminishing batch norm whose training statistics cover every rank's batch: the averages
+    ``dbn_mean``/``dbn_std``, a_k and every buffer advance identically on all ranks. Arguments
+    as ``DiminishingBatchNorm2d``'s plus ``process_group``; same state_dict."""
+
+    _convert_alpha = 0.25
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, bias: bool = True, alpha: AlphaLike = 0.25,
+                 eval_stats: str = "dbn", grad_through_stats: bool = True,
+                 backend: str = "auto") -> None:
+        self._setup_diminishing(num_features, eps, momentum, affine, track_running_stats, device,
+                                dtype, bias, alpha, eval_stats, grad_through_stats, backend,
+                                process_group=process_group)
