@@ -224,6 +224,7 @@ class _SyncMixin(_ProjectNorm):
         return group_or_default(self.process_group) if self.training else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)  # before the channel check, which reads dimension 1
         self._check_non_zero_input_channels(input)
         return super().forward(input)
 

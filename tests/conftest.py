@@ -66,3 +66,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def emulation_build_dir(tmp_path_factory):
+    """The CPU emulation of the cuda backend (tests/emulation.py), built once per test session
+    in a private directory; processes a test starts load it from there."""
+    from emulation import CannotBuild, build_emulation
+
+    build_dir = tmp_path_factory.mktemp("emulation_build")
+    try:
+        build_emulation(build_dir)
+    except CannotBuild as exc:
+        pytest.skip(f"cannot build the CPU emulation: {exc}")
+    return build_dir
+
+
+@pytest.fixture(scope="session")
+def emulation(emulation_build_dir):
+    """The emulation's op prefix, ``"emu"``: ``dbn::emu_*`` take CPU tensors."""
+    from emulation import PREFIX
+
+    return PREFIX

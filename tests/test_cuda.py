@@ -28,7 +28,7 @@ import dbn_kernels as dbn
 from contract import (EPS, Backend, check_backward, check_step, make_state, make_x,
                       offset_copy, poisoned_allocations)
 from dbn_kernels import _extension
-from emulation import CannotBuild, build_emulation, last_plan
+from emulation import last_plan
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 F32_RTOL = 1e-5
@@ -36,15 +36,6 @@ SUM_RTOL = 2e-5  # float32 sums over M values (dgamma, dbeta): a few ulp more th
 
 
 # ---- runners ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def emulation(tmp_path_factory):
-    """Build the CPU emulation (tests/emulation.py) once per test session, privately."""
-    try:
-        return build_emulation(tmp_path_factory.mktemp("emulation_build"))
-    except CannotBuild as exc:
-        pytest.skip(f"cannot build the CPU emulation: {exc}")
-
 
 @pytest.fixture(scope="session")
 def cuda_ops():

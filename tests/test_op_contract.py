@@ -32,15 +32,6 @@ from dbn_kernels import _extension, ops
 
 # ---- backends ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def emulation(tmp_path_factory):
-    emulation = importlib.import_module("emulation")
-    try:
-        return emulation.build_emulation(tmp_path_factory.mktemp("emulation_build"))
-    except emulation.CannotBuild as exc:
-        pytest.skip(f"cannot build the CPU emulation: {exc}")
-
-
 @pytest.fixture(params=["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu),
                         "emu"])
 def backend(request):
