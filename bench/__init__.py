@@ -12,6 +12,7 @@ One file per concept:
 * ``resnet``/``e2e`` the ResNet-50 training-step benchmark (``--model resnet50``);
 * ``cli``         the command line;
 * ``host_overhead`` per-call host time of the layers against ``nn.BatchNorm2d`` (tiny inputs);
+* ``sync``        the sync layers against the local ones over N ranks (``--sync-world N``);
 * ``gpu_check_plan`` the stages of ``bench/gpu_check.sh``: case counts and a GPU-time estimate;
 * ``summary``     SUMMARY.md of a ``bench/gpu_check.sh`` run, against the project's goals.
 

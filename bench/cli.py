@@ -3,6 +3,7 @@
     dbn-bench --suite resnet50 --dtype float32 bfloat16 --layout both \\
               --json out.json --csv out.csv --plot out.png
     dbn-bench --model resnet50                  # images/s of a training step
+    dbn-bench --sync-world 2 --device cpu       # cost of the synchronised layers (bench/sync.py)
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "machine's load, not the kernel. Default on a GPU: PyTorch's choice "
                              "(host threads do not run the kernels)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--sync-world", type=int, metavar="N", default=None,
+                        help="time the synchronised layers over N ranks on this machine instead "
+                             "of the kernels; its own options (--device, --shapes, --dtype, "
+                             "--reps, --json, ...): python -m dbn_kernels.benchmark.sync --help")
     return parser
 
 
@@ -119,7 +124,18 @@ def _cpu_notes(device: torch.device) -> list[str]:
             "about the GPU kernels"]
 
 
+def _sync_world_given(argv: list[str]) -> bool:
+    probe = argparse.ArgumentParser(prog="dbn-bench", add_help=False)
+    probe.add_argument("--sync-world")
+    return probe.parse_known_args(argv)[0].sync_world is not None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _sync_world_given(argv):  # a benchmark of its own: its parser reads every option, --help too
+        from .sync import main as sync_main
+
+        return sync_main(argv, prog="dbn-bench")
     args = build_parser().parse_args(argv)
     try:
         device = _device(args.device)
