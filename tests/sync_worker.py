@@ -11,7 +11,9 @@ batch. Modes:
 * ``layers``: a sync layer per case, several training steps (y, dx, parameter gradients and
   every buffer after each step), then a local evaluation;
 * ``ddp``: a small CNN converted with ``convert(sync=True)``, wrapped in
-  ``DistributedDataParallel`` and trained with SGD (losses, parameters and buffers).
+  ``DistributedDataParallel`` and trained with SGD (losses, parameters and buffers);
+* ``compile``: the cases of ``layers`` through ``torch.compile(fullgraph=True)`` of the sync
+  layer, with the eager sync layer's results beside them.
 """
 
 from __future__ import annotations
@@ -90,10 +92,11 @@ def rank_slice(t: torch.Tensor, splits: list[int], rank: int) -> torch.Tensor:
     return t.split(splits)[rank]
 
 
-def run_layers(cases: list[dict], rank: int, backend: str) -> list[dict]:
+def run_layers(cases: list[dict], rank: int, backend: str, compiled: bool = False) -> list[dict]:
     results = []
     for case in cases:
-        layer = make_layer(case, backend, sync=True)
+        module = make_layer(case, backend, sync=True)
+        layer = torch.compile(module, fullgraph=True, backend="aot_eager") if compiled else module
         steps = []
         for x, grad_y in zip(case["x"], case["grad_y"]):
             x = rank_slice(x, case["splits"], rank).clone().requires_grad_()
@@ -101,15 +104,15 @@ def run_layers(cases: list[dict], rank: int, backend: str) -> list[dict]:
             y.backward(rank_slice(grad_y, case["splits"], rank))
             steps.append({
                 "y": y.detach(), "grad_x": x.grad,
-                "grad_weight": None if layer.weight is None else layer.weight.grad.clone(),
-                "grad_bias": None if layer.bias is None else layer.bias.grad.clone(),
-                "buffers": buffers(layer),
+                "grad_weight": None if module.weight is None else module.weight.grad.clone(),
+                "grad_bias": None if module.bias is None else module.bias.grad.clone(),
+                "buffers": buffers(module),
             })
-            layer.zero_grad(set_to_none=True)
-        layer.eval()
+            module.zero_grad(set_to_none=True)
+        module.eval()
         with torch.no_grad():
             y_eval = layer(rank_slice(case["x_eval"], case["splits"], rank))
-        results.append({"steps": steps, "y_eval": y_eval, "buffers_after_eval": buffers(layer)})
+        results.append({"steps": steps, "y_eval": y_eval, "buffers_after_eval": buffers(module)})
     return results
 
 
@@ -161,7 +164,7 @@ def run_ddp(spec: dict, rank: int, world: int, backend: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("layers", "ddp"))
+    parser.add_argument("mode", choices=("layers", "ddp", "compile"))
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
@@ -179,6 +182,9 @@ def main() -> None:
         data = torch.load(args.data_dir / "cases.pt", weights_only=False)
         if args.mode == "layers":
             out = run_layers(data, args.rank, backend)
+        elif args.mode == "compile":
+            out = {"compiled": run_layers(data, args.rank, backend, compiled=True),
+                   "eager": run_layers(data, args.rank, backend)}
         else:
             out = {name: run_ddp(spec, args.rank, args.world, backend)
                    for name, spec in data.items()}

@@ -297,6 +297,30 @@ def test_ddp_cnn_trains_as_one_process(tmp_path, world):
             torch.testing.assert_close(r[name]["y_eval"], y_eval, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_sync_layer_matches_eager(tmp_path, backend):
+    """torch.compile(fullgraph=True) of a sync layer on 2 ranks: the gathers are traced with the
+    ops around them; outputs, gradients and buffers equal the eager sync layer's."""
+    if backend == "triton":
+        pytest.importorskip("dbn_kernels.triton_kernels")
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    specs = [Spec("dbn-inverse-power", torch.float32, "channels_last", "uneven", (5, 3, 4)),
+             Spec("bn-cumulative", torch.float32, "contiguous", "empty", (5, 3, 4))]
+    torch.save([make_case(spec, 2, gen, seed) for spec in specs], tmp_path / "cases.pt")
+    ranks = launch("compile", tmp_path, 2, backend)
+    for rank, r in enumerate(ranks):
+        for case, compiled, eager in zip(specs, r["compiled"], r["eager"]):
+            for step, (c, e) in enumerate(zip(compiled["steps"], eager["steps"])):
+                for key in ("y", "grad_x", "grad_weight", "grad_bias"):
+                    torch.testing.assert_close(c[key], e[key], rtol=1e-6, atol=1e-6,
+                                               msg=lambda m: f"{case} rank {rank} step {step} "
+                                                             f"{key}: {m} (seed {seed})")
+                for name, value in e["buffers"].items():
+                    torch.testing.assert_close(c["buffers"][name], value, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(compiled["y_eval"], eager["y_eval"], rtol=1e-6, atol=1e-6)
+
+
 # ---- one process ------------------------------------------------------------------------------
 
 def _train(layer, xs):
