@@ -46,7 +46,7 @@ def use_backend(name: str, emulation_dir: str | None) -> str:
     return "emu"
 
 
-def make_layer(case: dict, backend: str, sync: bool):
+def make_layer(case: dict, backend: str, sync: bool, device: str = "cpu"):
     """The case's layer: the sync class, or the local one of the input's rank."""
     import dbn_kernels as dbn
 
@@ -61,7 +61,7 @@ def make_layer(case: dict, backend: str, sync: bool):
                else getattr(dbn, f"DiminishingBatchNorm{dims}d"))
     else:
         cls = dbn.SyncBatchNorm if sync else getattr(dbn, f"BatchNorm{dims}d")
-    layer = cls(case["shape"][1], **options)
+    layer = cls(case["shape"][1], **options, device=device)
     layer.backend = backend  # after construction: "emu" is not a name the layers validate
     if case["affine"]:
         with torch.no_grad():
@@ -83,6 +83,15 @@ def schedule(alpha):
 BUFFERS = ("running_mean", "running_var", "dbn_mean", "dbn_std", "num_batches_tracked")
 
 
+def _on_cpu(tree):
+    """Copies on the CPU (a clone there too: nothing the layer changes later aliases them)."""
+    if isinstance(tree, dict):
+        return {k: _on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_on_cpu(v) for v in tree]
+    return tree.detach().to("cpu", copy=True) if isinstance(tree, torch.Tensor) else tree
+
+
 def buffers(layer) -> dict:
     return {name: getattr(layer, name).detach().clone() for name in BUFFERS
             if getattr(layer, name, None) is not None}
@@ -92,27 +101,30 @@ def rank_slice(t: torch.Tensor, splits: list[int], rank: int) -> torch.Tensor:
     return t.split(splits)[rank]
 
 
-def run_layers(cases: list[dict], rank: int, backend: str, compiled: bool = False) -> list[dict]:
+def run_layers(cases: list[dict], rank: int, backend: str, device: str = "cpu",
+               compiled: bool = False) -> list[dict]:
+    """Each case's steps on this rank; tensors returned on the CPU."""
     results = []
     for case in cases:
-        module = make_layer(case, backend, sync=True)
+        module = make_layer(case, backend, sync=True, device=device)
         layer = torch.compile(module, fullgraph=True, backend="aot_eager") if compiled else module
         steps = []
         for x, grad_y in zip(case["x"], case["grad_y"]):
-            x = rank_slice(x, case["splits"], rank).clone().requires_grad_()
+            x = rank_slice(x, case["splits"], rank).to(device).requires_grad_()
             y = layer(x)
-            y.backward(rank_slice(grad_y, case["splits"], rank))
-            steps.append({
+            y.backward(rank_slice(grad_y, case["splits"], rank).to(device))
+            steps.append(_on_cpu({
                 "y": y.detach(), "grad_x": x.grad,
-                "grad_weight": None if module.weight is None else module.weight.grad.clone(),
-                "grad_bias": None if module.bias is None else module.bias.grad.clone(),
+                "grad_weight": None if module.weight is None else module.weight.grad,
+                "grad_bias": None if module.bias is None else module.bias.grad,
                 "buffers": buffers(module),
-            })
+            }))
             module.zero_grad(set_to_none=True)
         module.eval()
         with torch.no_grad():
-            y_eval = layer(rank_slice(case["x_eval"], case["splits"], rank))
-        results.append({"steps": steps, "y_eval": y_eval, "buffers_after_eval": buffers(module)})
+            y_eval = layer(rank_slice(case["x_eval"], case["splits"], rank).to(device))
+        results.append(_on_cpu({"steps": steps, "y_eval": y_eval,
+                                "buffers_after_eval": buffers(module)}))
     return results
 
 
@@ -171,17 +183,24 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--backend", required=True)
     parser.add_argument("--emulation-dir")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: NCCL, rank r on GPU r; cpu: gloo")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # several ranks share the machine's cores
     backend = use_backend(args.backend, args.emulation_dir)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
+    device = args.device
+    if device == "cuda":
+        device = f"cuda:{args.rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{args.port}",
                             rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         data = torch.load(args.data_dir / "cases.pt", weights_only=False)
         if args.mode == "layers":
-            out = run_layers(data, args.rank, backend)
+            out = run_layers(data, args.rank, backend, device)
         elif args.mode == "compile":
             out = {"compiled": run_layers(data, args.rank, backend, compiled=True),
                    "eager": run_layers(data, args.rank, backend)}

@@ -103,10 +103,11 @@ def free_port() -> int:
 
 
 def launch(mode: str, data_dir: Path, world: int, backend: str, emulation_dir=None,
-           timeout: float = 600) -> list:
+           device: str = "cpu", timeout: float = 600) -> list:
     """Run ``world`` worker processes on ``data_dir/cases.pt``; their results, by rank."""
     port = free_port()
     extra = ["--emulation-dir", str(emulation_dir)] if emulation_dir else []
+    extra += ["--device", device]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(
         [sys.executable, str(WORKER), mode, str(data_dir), "--rank", str(rank),
@@ -155,10 +156,10 @@ _RUNS: dict = {}
 
 @pytest.fixture
 def group_run(tmp_path_factory, request):
-    """``run(backend, world)``: every case of ``SPECS[backend]`` on ``world`` ranks, once per
-    session (the first test of a (backend, world) pays for the processes)."""
-    def run(backend: str, world: int):
-        key = (backend, world)
+    """``run(backend, world, device)``: every case of ``SPECS[backend]`` on ``world`` ranks,
+    once per session (the first test of a (backend, world, device) pays for the processes)."""
+    def run(backend: str, world: int, device: str):
+        key = (backend, world, device)
         if key not in _RUNS:
             emulation_dir = None
             if backend == "triton":
@@ -168,11 +169,13 @@ def group_run(tmp_path_factory, request):
                 emulation_dir = request.getfixturevalue("emulation_build_dir")
             seed = int.from_bytes(os.urandom(4), "little")
             gen = torch.Generator().manual_seed(seed)
-            cases = [make_case(spec, world, gen, seed) for spec in SPECS[backend]]
-            data_dir = tmp_path_factory.mktemp(f"sync-{backend}-{world}")
+            specs = SPECS["reference" if device == "cuda" else backend]
+            cases = [make_case(spec, world, gen, seed) for spec in specs]
+            data_dir = tmp_path_factory.mktemp(f"sync-{backend}-{world}-{device}")
             torch.save(cases, data_dir / "cases.pt")
             try:
-                _RUNS[key] = cases, launch("layers", data_dir, world, backend, emulation_dir)
+                _RUNS[key] = cases, launch("layers", data_dir, world, backend, emulation_dir,
+                                           device)
             except pytest.fail.Exception as exc:  # remembered: the other cases fail at once
                 _RUNS[key] = exc
                 raise
@@ -190,31 +193,40 @@ def _single_process_backend(backend: str, request) -> str:
     return backend
 
 
+_NCCL = [pytest.mark.gpu,
+         pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")]
+
+
 def _params():
-    return [pytest.param(backend, world, i, id=f"{backend}-w{world}-{spec}")
-            for backend in BACKENDS for world in WORLDS for i, spec in enumerate(SPECS[backend])]
+    on_cpu = [pytest.param(backend, world, "cpu", i, id=f"{backend}-w{world}-{spec}")
+              for backend in BACKENDS for world in WORLDS
+              for i, spec in enumerate(SPECS[backend])]
+    on_nccl = [pytest.param(backend, 2, "cuda", i, id=f"{backend}-nccl-w2-{spec}", marks=_NCCL)
+               for backend in ("cuda", "triton") for i, spec in enumerate(SPECS["reference"])]
+    return on_cpu + on_nccl
 
 
-@pytest.mark.parametrize("backend,world,index", _params())
+@pytest.mark.parametrize("backend,world,device,index", _params())
 def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, backend, world,
-                                                           index):
-    cases, ranks = group_run(backend, world)
+                                                           device, index):
+    cases, ranks = group_run(backend, world, device)
     case = cases[index]
     results = [r[index] for r in ranks]
     tol, sum_tol = TOLERANCES[case["dtype"]], SUM_TOLERANCES[case["dtype"]]
     where = f"seed {case['seed']}"
-    single = make_layer(case, _single_process_backend(backend, request), sync=False)
+    single = make_layer(case, _single_process_backend(backend, request), sync=False,
+                        device=device)
     assert not isinstance(single, nn.SyncBatchNorm)
 
     for step, (x, grad_y) in enumerate(zip(case["x"], case["grad_y"])):
-        x = x.clone().requires_grad_()
+        x = x.to(device).requires_grad_()
         y = single(x)
-        y.backward(grad_y)
+        y.backward(grad_y.to(device))
         got = [r["steps"][step] for r in results]
         msg = lambda m, what="": f"step {step + 1} {what}: {m} ({where})"  # noqa: E731
-        torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), **tol,
+        torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach().cpu(), **tol,
                                    msg=lambda m: msg(m, "y"))
-        torch.testing.assert_close(torch.cat([g["grad_x"] for g in got]), x.grad, **tol,
+        torch.testing.assert_close(torch.cat([g["grad_x"] for g in got]), x.grad.cpu(), **tol,
                                    msg=lambda m: msg(m, "grad_x"))
         for rank, g in enumerate(got):
             if case["layout"] == "channels_last" and g["y"].dim() == 4 and g["y"].numel():
@@ -223,21 +235,21 @@ def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, b
         if case["affine"]:
             for name in ("weight", "bias"):
                 local = torch.stack([g[f"grad_{name}"] for g in got])
-                torch.testing.assert_close(local.sum(0), getattr(single, name).grad, **sum_tol,
-                                           msg=lambda m: msg(m, f"sum of grad_{name}"))
+                torch.testing.assert_close(local.sum(0), getattr(single, name).grad.cpu(),
+                                           **sum_tol, msg=lambda m: msg(m, f"sum of grad_{name}"))
         expected = buffers(single)
         assert set(got[0]["buffers"]) == set(expected)
         for name, value in expected.items():
             first = got[0]["buffers"][name]
-            torch.testing.assert_close(first, value, **tol, msg=lambda m: msg(m, name))
+            torch.testing.assert_close(first, value.cpu(), **tol, msg=lambda m: msg(m, name))
             for rank, g in enumerate(got[1:], start=1):
                 assert torch.equal(g["buffers"][name], first), f"{name} differs on rank {rank}"
         single.zero_grad(set_to_none=True)
 
     single.eval()
     with torch.no_grad():
-        y_eval = single(case["x_eval"])
-    torch.testing.assert_close(torch.cat([r["y_eval"] for r in results]), y_eval, **tol)
+        y_eval = single(case["x_eval"].to(device))
+    torch.testing.assert_close(torch.cat([r["y_eval"] for r in results]), y_eval.cpu(), **tol)
     for r in results:  # evaluation changes nothing
         for name in BUFFERS:
             if name in r["buffers_after_eval"]:
