@@ -51,7 +51,20 @@ KINDS = {
     "dbn-stats-constant": dict(alpha=0.5, momentum=0.1, affine=True, grad_through_stats=False),
 }
 TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
-SUM_TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+SUM_ULPS = 16
+
+
+def sum_magnitudes(x: torch.Tensor, grad_y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per channel, an upper estimate of the sum of |terms| of each parameter gradient:
+    sum |dy| for the bias; sum |dy| (|x| + max |x|) / std(x) for the weight, whose terms are
+    dy (x - mean) / sigma with |mean| <= max |x| and sigma of the order of the batch std."""
+    dims = [0, *range(2, x.dim())]
+    x, dy = x.double(), grad_y.double().abs()
+    if x.numel() == 0:
+        return {"weight": x.new_zeros(x.shape[1]), "bias": x.new_zeros(x.shape[1])}
+    size = x.abs()
+    weight = (dy * (size + size.amax(dims, keepdim=True))).sum(dims) / x.std(dims).clamp_min(1e-3)
+    return {"weight": weight, "bias": dy.sum(dims)}
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,12 @@ SPECS = {
 }
 BACKENDS = ("reference", "triton", "emu")
 WORLDS = (2, 3)
+
+
+def fresh_seed() -> int:
+    """A new seed per run (inputs the code was never tuned on); failures print it, and
+    ``DBN_SYNC_SEED=N`` replays a run."""
+    return int(os.environ.get("DBN_SYNC_SEED") or int.from_bytes(os.urandom(4), "little"))
 
 
 def free_port() -> int:
@@ -167,7 +186,7 @@ def group_run(tmp_path_factory, request):
                 pytest.importorskip("dbn_kernels.triton_kernels")
             if backend == "emu":
                 emulation_dir = request.getfixturevalue("emulation_build_dir")
-            seed = int.from_bytes(os.urandom(4), "little")
+            seed = fresh_seed()
             gen = torch.Generator().manual_seed(seed)
             specs = SPECS["reference" if device == "cuda" else backend]
             cases = [make_case(spec, world, gen, seed) for spec in specs]
@@ -212,7 +231,7 @@ def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, b
     cases, ranks = group_run(backend, world, device)
     case = cases[index]
     results = [r[index] for r in ranks]
-    tol, sum_tol = TOLERANCES[case["dtype"]], SUM_TOLERANCES[case["dtype"]]
+    tol = TOLERANCES[case["dtype"]]
     where = f"seed {case['seed']}"
     single = make_layer(case, _single_process_backend(backend, request), sync=False,
                         device=device)
@@ -233,10 +252,15 @@ def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, b
                 assert g["y"].is_contiguous(memory_format=torch.channels_last), rank
                 assert g["grad_x"].is_contiguous(memory_format=torch.channels_last), rank
         if case["affine"]:
-            for name in ("weight", "bias"):
-                local = torch.stack([g[f"grad_{name}"] for g in got])
-                torch.testing.assert_close(local.sum(0), getattr(single, name).grad.cpu(),
-                                           **sum_tol, msg=lambda m: msg(m, f"sum of grad_{name}"))
+            for name, magnitude in sum_magnitudes(x.detach().cpu(), grad_y).items():
+                local = torch.stack([g[f"grad_{name}"] for g in got]).sum(0)
+                want = getattr(single, name).grad.cpu()
+                # Sums in another order: rounding up to a few ulps of the sum of |terms|, which
+                # cancellation can make large against the sum itself.
+                err = (local.double() - want.double()).abs()
+                bound = SUM_ULPS * torch.finfo(case["dtype"]).eps * magnitude
+                assert (err <= bound + tol["rtol"] * want.double().abs()).all(), msg(
+                    f"errors {err.tolist()} over bounds {bound.tolist()}", f"sum of grad_{name}")
         expected = buffers(single)
         assert set(got[0]["buffers"]) == set(expected)
         for name, value in expected.items():
@@ -266,7 +290,7 @@ DDP_ALPHAS = {"bn": None, "dbn-inverse-power": ("inverse_power", 1.0, 2.0, 0.5)}
 def test_ddp_cnn_trains_as_one_process(tmp_path, world):
     """convert(sync=True) + DistributedDataParallel + SGD on uneven per-rank batches: the same
     losses, parameters, buffers and eval outputs as one process on the whole batch."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     n, steps = sum(DDP_SPLITS[world]), 4
     specs = {}
@@ -315,7 +339,7 @@ def test_compiled_sync_layer_matches_eager(tmp_path, backend):
     ops around them; outputs, gradients and buffers equal the eager sync layer's."""
     if backend == "triton":
         pytest.importorskip("dbn_kernels.triton_kernels")
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     specs = [Spec("dbn-inverse-power", torch.float32, "channels_last", "uneven", (5, 3, 4)),
              Spec("bn-cumulative", torch.float32, "contiguous", "empty", (5, 3, 4))]
