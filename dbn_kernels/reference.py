@@ -160,7 +160,7 @@ def backward_reduce(grad_y, x, mean):
         return x.new_zeros((3, C), dtype=acc)
     dims = _reduce_dims(x)
     sum_dy = grad_y.sum(dims, dtype=acc)
-    sum_dy_xc = ((x - mean.view(*_channel_shape(x))) * grad_y).sum(dims)
+    sum_dy_xc = (x - mean.view(*_channel_shape(x))).mul_(grad_y).sum(dims)  # in acc
     return torch.stack((torch.full_like(sum_dy, x.numel() // C), sum_dy, sum_dy_xc))
 
 
@@ -182,10 +182,12 @@ def backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alpha, gra
 
 def backward_dx(grad_y, x, coef):
     shape = _channel_shape(x)
-    grad_x = grad_y * coef[0].view(*shape)  # in the statistics' dtype: type promotion
-    if coef.shape[0] == 4:
-        work = x - coef[1].view(*shape)
-        grad_x.add_(work.mul_(coef[2].view(*shape)).add_(coef[3].view(*shape)))
+    if coef.shape[0] == 1:
+        grad_x = grad_y * coef[0].view(*shape)  # in the statistics' dtype: type promotion
+    else:
+        # One x-sized temporary, updated in place: B * (x - center) + shift + A * dy.
+        grad_x = (x - coef[1].view(*shape)).mul_(coef[2].view(*shape)).add_(coef[3].view(*shape))
+        grad_x.addcmul_(grad_y, coef[0].view(*shape))
     return _like_input(grad_x, x)
 
 
