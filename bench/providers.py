@@ -144,15 +144,21 @@ def _project(backend: str, family: str) -> Provider:
                     implementation=lambda call, device: backend)
 
 
+def _torch_batch_norm(inputs: CaseInputs) -> nn.BatchNorm2d:
+    """PyTorch's own layer holding the case's parameters and statistics."""
+    module = nn.BatchNorm2d(inputs.shape.channels, eps=EPS, momentum=MOMENTUM,
+                            device=inputs.device)
+    _load_state(module, inputs, "bn")
+    return module
+
+
 def _always_available(device: torch.device) -> str | None:
     return None
 
 
 def _torch_eager() -> Provider:
     def build(inputs: CaseInputs, mode: str) -> Call:
-        module = nn.BatchNorm2d(inputs.shape.channels, eps=EPS, momentum=MOMENTUM,
-                                device=inputs.device)
-        _load_state(module, inputs, "bn")
+        module = _torch_batch_norm(inputs)
         return _module_call(module, module, inputs, mode, "bn")
 
     return Provider(name="torch", family="bn", description="torch.nn.BatchNorm2d, eager",
@@ -199,9 +205,7 @@ def _compile_unavailable(device: torch.device) -> str | None:
 
 def _torch_compile() -> Provider:
     def build(inputs: CaseInputs, mode: str) -> Call:
-        module = nn.BatchNorm2d(inputs.shape.channels, eps=EPS, momentum=MOMENTUM,
-                                device=inputs.device)
-        _load_state(module, inputs, "bn")
+        module = _torch_batch_norm(inputs)
         if mode == "eval-fwd":
             module.eval()
         # A fresh cache per case: otherwise the recompile limit would, after a few shapes, make

@@ -219,14 +219,10 @@ class _SyncMixin(_ProjectNorm):
     def _check_input_dim(self, input):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        self._check_non_zero_input_channels(input)  # reads dimension 1: after the rank check
 
     def _process_group(self):
         return group_or_default(self.process_group) if self.training else None
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)  # before the channel check, which reads dimension 1
-        self._check_non_zero_input_channels(input)
-        return super().forward(input)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
