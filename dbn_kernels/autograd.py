@@ -4,15 +4,20 @@ Forward runs the backend's ``train_forward`` or ``eval_forward`` op and saves th
 whatever the backend; backward runs the backend's ``backward`` op. A training step over a process
 group runs the same backend's passes with a collective between them instead (``sync``). Swapping
 a backend never touches this file.
+
+The backend ops are opaque to autograd's other modes, so the Function provides them itself:
+double backward and ``torch.func`` transforms over the backward get the gradients in
+differentiable ops (``derivatives``), forward-mode AD a ``jvp`` rule, and ``vmap`` a rule that
+runs the reference passes under a nested vmap. An ordinary backward keeps the backend's op.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad as _forward_ad
 
-from . import sync
-from .ops import op
+from . import derivatives, reference, sync
+from .ops import op, stat_dtype
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -23,30 +28,56 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _NO_GRADS = (None,) * 13  # for the arguments after (x, weight, bias)
 
 
-def _backward(ctx, grad_y):
-    x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) or a forward-mode AD level is
+    active: then the Function must run (its ``vmap``/``jvp`` rules), even where no gradient will
+    be asked for. Two cheap reads; under ``torch.compile`` the graph decides instead."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def _cast_param_grads(ctx, grad_x, grad_w, grad_b):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if ctx.group is not None:
-        grad_x, grad_w, grad_b = sync.backward(
-            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-            ctx.grad_through_stats, need_x, need_w or need_b, ctx.backend, ctx.group)
-    else:
-        grad_x, grad_w, grad_b = op(ctx.backend, "backward")(
-            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-            ctx.grad_through_stats, need_x)
     return (
         grad_x if need_x else None,
-        _as(grad_w, weight.dtype) if need_w else None,
+        _as(grad_w, ctx.weight_dtype) if need_w else None,
         _as(grad_b, ctx.bias_dtype) if need_b else None,
         *_NO_GRADS,
     )
 
 
-# The backward ops have no derivative of their own: under create_graph=True the gradients must
-# refuse a second differentiation, which once_differentiable arranges (running the function under
-# no_grad). In an ordinary backward grad mode is already off, the wrapper would change nothing,
-# and its context manager costs a few microseconds a call, so it is entered only when needed.
-_backward_once_differentiable = once_differentiable(_backward)
+def _backward(ctx, grad_y):
+    """The backend's backward op (or the synchronised passes): the fast path."""
+    x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if ctx.group is not None:
+        grads = sync.backward(
+            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+            ctx.grad_through_stats, need_x, need_w or need_b, ctx.backend, ctx.group)
+    else:
+        grads = op(ctx.backend, "backward")(
+            grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+            ctx.grad_through_stats, need_x)
+    return _cast_param_grads(ctx, *grads)
+
+
+def _differentiable_backward(ctx, grad_y):
+    """The same gradients in differentiable, batchable ops (``derivatives``): for a graph being
+    created (double backward) and for ``torch.func`` transforms over the backward."""
+    _refuse_synchronised(ctx.group, "higher-order or transformed gradients")
+    x, weight, mean, invstd, _, _, alpha = ctx.saved_tensors
+    grads = derivatives.backward(grad_y, x, weight, mean, invstd, alpha, ctx.eps,
+                                 ctx.grad_through_stats, ctx.needs_input_grad[:3])
+    return _cast_param_grads(ctx, *grads)
+
+
+def _refuse_synchronised(group, what: str) -> None:
+    if group is not None:
+        raise RuntimeError(
+            f"{what} of a synchronised (process-group) batch-norm training step are not "
+            "supported: its statistics depend on other ranks' inputs. Differentiate it once, "
+            "or run the layer in eval mode")
 
 
 def run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
@@ -64,36 +95,130 @@ def run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
             x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
             num_batches_tracked, momentum, eps, *alpha_params)
         return y, saved
+    mean, spread, spread_is_std = _eval_statistics(running_mean, running_var, dbn_mean, dbn_std,
+                                                   eval_stats)
+    y, invstd = op(backend, "eval_forward")(x, weight, bias, mean, spread, eps, spread_is_std)
+    return y, _eval_saved(mean, invstd)
+
+
+def _eval_statistics(running_mean, running_var, dbn_mean, dbn_std, eval_stats):
+    """``(mean, spread, spread_is_std)`` an eval step normalises with."""
+    if eval_stats == "dbn":
+        return dbn_mean, dbn_std, True
+    return running_mean, running_var, False
+
+
+def _eval_saved(mean, invstd):
     # Stored statistics are constants: the backward is affine (a_g = 0), so the batch
     # statistics it would read are never used and the stored ones stand in.
-    if eval_stats == "dbn":
-        mean, spread, spread_is_std = dbn_mean, dbn_std, True
-    else:
-        mean, spread, spread_is_std = running_mean, running_var, False
-    y, invstd = op(backend, "eval_forward")(x, weight, bias, mean, spread, eps, spread_is_std)
-    return y, (mean, invstd, mean, invstd, invstd)
+    return mean, invstd, mean, invstd, invstd
+
+
+def _forward_as_passes(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                       num_batches_tracked, training, momentum, eps, alpha_params, eval_stats):
+    """``run_forward`` on the reference passes called as Python functions (not as ops), which
+    vmap can batch. Out of place wherever an operand may be batched when another is not."""
+    if training:
+        stats = reference.batch_stats(x, num_batches_tracked)
+        *saved, coef = reference.finalize(
+            stats.unsqueeze(0), weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+            num_batches_tracked, momentum, eps, *alpha_params)
+        return reference.normalize(x, coef), saved
+    mean, spread, spread_is_std = _eval_statistics(running_mean, running_var, dbn_mean, dbn_std,
+                                                   eval_stats)
+    acc = stat_dtype(x)
+    spread = spread.to(acc)
+    invstd = spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
+    scale = invstd if weight is None else invstd * weight
+    shift = torch.zeros_like(scale) if bias is None else bias.to(acc)
+    coef = torch.stack((mean.to(acc), scale, shift.expand_as(scale)))
+    return reference.normalize(x, coef), _eval_saved(mean, invstd)
+
+
+_UPDATED_BUFFERS = (3, 4, 5, 6)  # running_mean, running_var, dbn_mean, dbn_std
 
 
 class DiminishingBatchNormFunction(torch.autograd.Function):
+    """One normalisation step. Outputs ``y`` and, not differentiable, the statistics backward
+    reads: ``(mean, invstd, batch_mean, batch_invstd, alpha)`` in training, ``invstd`` in eval
+    (the mean is a buffer, an input)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+    def forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
                 grad_through_stats, backend, group):
         y, saved = run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                                num_batches_tracked, training, momentum, eps, alpha_params,
                                eval_stats, backend, group)
-        if not training:
-            grad_through_stats = False
-            group = None
+        return (y, *saved) if training else (y, saved[1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, _, training, _, eps, _,
+         eval_stats, grad_through_stats, backend, group) = inputs
+        _, *stats = output
+        if training:
+            saved = stats
+        else:
+            mean, *_ = _eval_statistics(running_mean, running_var, dbn_mean, dbn_std, eval_stats)
+            saved = _eval_saved(mean, stats[0])
+            grad_through_stats, group = False, None
+        ctx.mark_non_differentiable(*stats)
+        ctx.stat_outputs = len(stats)
         ctx.save_for_backward(x, weight, *saved)
+        if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            ctx.save_for_forward(x, weight, *saved)
         ctx.grad_through_stats = grad_through_stats
         ctx.backend = backend
         ctx.group = group
+        ctx.eps = eps
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
 
     @staticmethod
-    def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True
-            return _backward_once_differentiable(ctx, grad_y)
+    def backward(ctx, grad_y, *_):
+        if torch.is_grad_enabled() or transforms_active():  # create_graph=True, or torch.func
+            return _differentiable_backward(ctx, grad_y)
         return _backward(ctx, grad_y)
+
+
+
+class TransformableFunction(DiminishingBatchNormFunction):
+    """The same step with rules for forward-mode AD (``jvp``) and ``vmap``, applied while a
+    ``torch.func`` transform or a forward-AD level is active. A separate class because
+    ``torch.compile`` cannot trace an autograd.Function that defines them."""
+
+    @staticmethod
+    def jvp(ctx, x_tangent, weight_tangent, bias_tangent, *_):
+        _refuse_synchronised(ctx.group, "forward-mode derivatives")
+        x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
+        y_tangent = derivatives.jvp(x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+                                    ctx.grad_through_stats, x_tangent, weight_tangent,
+                                    bias_tangent)
+        return (y_tangent, *(None,) * ctx.stat_outputs)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+             num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
+             grad_through_stats, backend, group):
+        # The backend ops have no batching rule; the reference passes, run as ordinary ops under
+        # a nested vmap, give every sample its own step.
+        _refuse_synchronised(group, "vmap")
+        tensors = (x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                   num_batches_tracked)
+        dims = tuple(in_dims[:len(tensors)])
+        if training and dims[0] is not None:
+            for i in _UPDATED_BUFFERS:
+                if tensors[i] is not None and dims[i] is None:
+                    raise RuntimeError(
+                        "vmap over a batch-norm training step whose buffers are not batched: "
+                        "each vmapped batch would update the same running statistics. Batch "
+                        "the buffers with the input (torch.func.stack_module_state), call the "
+                        "layer in eval mode, or use track_running_stats=False")
+
+        def step(*t):
+            y, saved = _forward_as_passes(*t, training, momentum, eps, alpha_params, eval_stats)
+            return (y, *saved) if training else (y, saved[1])
+
+        outputs = torch.vmap(step, in_dims=dims)(*tensors)
+        return outputs, (0,) * len(outputs)

@@ -113,7 +113,8 @@ def batch_stats(x, num_batches_tracked):
         return x.new_zeros((3, C), dtype=acc)  # count 0: merges as nothing
     dims = _reduce_dims(x)
     mean = x.mean(dims, dtype=acc)
-    m2 = (x - mean.view(*_channel_shape(x))).square_().sum(dims)  # centered: no cancellation
+    centered = x - mean.view(*_channel_shape(x))  # centered: no cancellation
+    m2 = centered.mul_(centered).sum(dims)  # (mul_, not square_: vmap batches it)
     return torch.stack((torch.full_like(mean, x.numel() // C), mean, m2))
 
 
