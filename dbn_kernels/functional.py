@@ -7,7 +7,8 @@ import torch
 from . import backends
 from ._checks import check_call
 from .sync import group_to_sync
-from .autograd import DiminishingBatchNormFunction, run_forward
+from .autograd import (DiminishingBatchNormFunction, TransformableFunction, run_forward,
+                       transforms_active)
 from .schedules import AlphaLike, HostSchedule, as_schedule
 
 __all__ = ["batch_norm", "diminishing_batch_norm"]
@@ -31,6 +32,9 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                training=use_batch_stats, momentum=momentum, eps=eps,
                needs_counter=training and (dbn_mean is not None or momentum is None),
                batch_is_local=group is None)
+    if not use_batch_stats and _exporting():
+        return _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, eps,
+                            eval_stats)
     if not training:
         # Buffers change in training only. Batch statistics in eval (no buffers to read) are a
         # training step with every update switched off.
@@ -44,16 +48,53 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         shape = (1, -1, *([1] * (x.dim() - 2)))
         y = x * (1 if weight is None else weight.view(shape))
         return y if bias is None else y + bias.view(shape)
-    if not (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
-                                         or _requires_grad(bias))):
+    function = DiminishingBatchNormFunction
+    if transforms_active():
+        function = TransformableFunction
+    elif not (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
+                                           or _requires_grad(bias))):
         # No gradient can be asked for: the op alone, without recording a graph (the Function's
         # machinery is a third of an eval call's host time on a GPU).
         return run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                            num_batches_tracked, use_batch_stats, momentum, eps, alpha_params,
                            eval_stats, name, group)[0]
-    return DiminishingBatchNormFunction.apply(
+    return function.apply(
         x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
-        use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name, group)
+        use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name,
+        group)[0]
+
+
+def _exporting() -> bool:
+    """Whether this call is being captured for deployment: by ``torch.export`` (and the ONNX
+    exporter built on it) or by ``torch.jit.trace`` (and the TorchScript-based ONNX exporter).
+    Every eval call asks, so it is two cheap reads. The flag is read directly because torch
+    2.11's ``torch.compiler.is_exporting()`` answers True inside any ``torch.compile``d code,
+    which must keep the project's ops."""
+    return torch.compiler._is_exporting_flag or torch.jit.is_tracing()
+
+
+def _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, eps,
+                 eval_stats):
+    """An eval step as ATen's batch norm with the statistics the layer evaluates with, for
+    exporters: a ``torch.export`` program then holds ATen ops only (it loads and runs without
+    dbn_kernels), ``torch.jit.trace`` records ``aten::batch_norm`` and both ONNX exporters emit
+    a standard BatchNormalization node (which they may fold into a preceding convolution)."""
+    if eval_stats == "dbn":
+        # dbn_std includes eps: batch norm's sqrt(var + eps) gives it back, to about one ulp,
+        # from var = dbn_std**2 - eps (no clamp needed: eps is added back before the sqrt). In
+        # the buffers' precision, float32 at least; float64 would leave double-precision ops in
+        # ONNX graphs, which some runtimes (TensorRT) refuse.
+        if dbn_std.dtype in _FULL:
+            var = dbn_std * dbn_std - eps
+        else:
+            var = (dbn_std.float().square() - eps).to(dbn_std.dtype)
+        mean = dbn_mean
+    else:
+        mean, var = running_mean, running_var
+    return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
+_FULL = (torch.float32, torch.float64)
 
 
 def _requires_grad(t: torch.Tensor | None) -> bool:
