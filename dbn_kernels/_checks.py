@@ -65,11 +65,30 @@ def check_call(x, *, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     if training and needs_counter and num_batches_tracked is None:
         raise ValueError("num_batches_tracked is required to count steps (DBN statistics or "
                          "momentum=None)")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    if momentum is not None and not (isinstance(momentum, (int, float))
-                                     and 0.0 <= momentum <= 1.0):
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float, got {eps!r}")
+    if eps <= 0:
+        check_eps_like_torch(eps, training)
+    # PyTorch never reads momentum in eval, nor validates it; here it is checked where it is used,
+    # when buffers are updated.
+    updates_buffers = training and (running_mean is not None or dbn_mean is not None)
+    if updates_buffers and momentum is not None and not (
+            isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
     if training and batch_is_local and x.numel() > 0 and x.numel() // C == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+def check_eps_like_torch(eps: float, training: bool) -> None:
+    """The installed PyTorch's rule for ``eps <= 0``, with its message: torch 2.11 refuses
+    eps <= 0 always; later releases refuse it in training and eps < 0 in eval. Asked of torch
+    itself on a two-value tensor (this path is rare), so every version is matched without a
+    table. Where torch accepts eps = 0, so does the project (the step is still defined)."""
+    try:
+        torch.nn.functional.batch_norm(torch.ones(2, 1), torch.zeros(1), torch.ones(1),
+                                       training=training, eps=eps)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    if eps < 0:  # a torch without any check: a negative eps is still meaningless
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
