@@ -1,4 +1,5 @@
-"""``convert``: swap every batch norm in a model for the project's layers."""
+"""``convert``: swap every batch norm in a model for the project's layers; ``revert``: back to
+torch's, for inference and export."""
 
 from __future__ import annotations
 
@@ -102,6 +103,67 @@ def convert(module: nn.Module, *, alpha=None, sync: bool = False, process_group=
     for name, child in module.named_children():
         new = convert(child, alpha=alpha, sync=sync, process_group=process_group,
                       backend=backend, **kwargs)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _revert_layer(layer: nn.Module) -> nn.Module:
+    """torch's layer evaluating as ``layer`` does: same parameter objects, settings, ``training``
+    flag and counter; running statistics = those ``layer`` evaluates with."""
+    cls = layer._torch_cls
+    affine = layer.weight is not None
+    kwargs = dict(eps=layer.eps, momentum=layer.momentum, affine=affine,
+                  track_running_stats=layer.track_running_stats)
+    if cls is nn.SyncBatchNorm:
+        kwargs["process_group"] = layer.process_group
+    bias = layer.bias is not None or not affine
+    if not bias and modules._takes_bias(cls):
+        kwargs["bias"] = False
+    # Built on the meta device: every tensor is replaced below, so nothing is allocated twice.
+    new = cls(layer.num_features, **kwargs, device="meta")
+    if not bias and new.bias is not None:
+        new.register_parameter("bias", None)
+    names = [name for name in _SHARED if getattr(layer, name) is not None]
+    if isinstance(layer, modules._DiminishingMixin) and layer.eval_stats == "dbn":
+        names.remove("running_mean")
+        names.remove("running_var")
+        new.running_mean = layer.dbn_mean.detach().clone()
+        # dbn_std includes eps, which batch norm adds back: sqrt(running_var + eps) = dbn_std.
+        # Formed in float64 so that the round trip is exact to the buffers' rounding (MPS has
+        # no float64); clamped so that hand-set statistics below sqrt(eps) give no negative
+        # variance.
+        std = layer.dbn_std.detach()
+        wide = std.to(torch.float32 if std.device.type == "mps" else torch.float64)
+        new.running_var = (wide * wide - layer.eps).clamp_min_(0).to(std.dtype)
+    return _adopt(new, layer, names)
+
+
+def revert(module: nn.Module) -> nn.Module:
+    """Replace every dbn_kernels layer in ``module`` (recursively, in place) with torch's own
+    batch norm that evaluates identically, and return it; a layer passed alone is returned as
+    its replacement. For inference and export: fusing convolutions with batch norm
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``, ``torch.fx.experimental.optimization.fuse``,
+    ``torch.ao.quantization.fuse_modules``), quantization, ONNX, TorchScript.
+
+    ``BatchNorm*d`` and ``DiminishingBatchNorm*d`` become ``torch.nn.BatchNorm*d``;
+    ``SyncBatchNorm`` and ``SyncDiminishingBatchNorm`` become ``torch.nn.SyncBatchNorm`` with the
+    same ``process_group`` (they accept any rank, so there is no ``BatchNorm*d`` to pick; torch's
+    sync layer evaluates like ``BatchNorm*d`` and ``fuse_conv_bn_eval`` folds it, but the
+    type-matching fusers skip it). The weight and bias are the very same ``Parameter`` objects;
+    eps, momentum, affine, track_running_stats, the ``training`` flag, ``num_batches_tracked``,
+    device and dtype are kept, and a layer built with ``bias=False`` stays without bias.
+
+    The new running statistics are those the layer evaluates with: a Diminishing layer with
+    ``eval_stats="dbn"`` gets ``running_mean = dbn_mean`` and ``running_var = dbn_std**2 - eps``
+    (clamped at 0; ``dbn_std`` includes eps), copies formed in float64; otherwise the layer's own
+    running buffers are reused. ``dbn_mean``, ``dbn_std`` and the schedule are dropped: training
+    a reverted Diminishing layer is plain batch norm.
+    """
+    if isinstance(module, modules._ProjectNorm):
+        return _revert_layer(module)
+    for name, child in module.named_children():
+        new = revert(child)
         if new is not child:
             setattr(module, name, new)
     return module

@@ -27,14 +27,18 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         stats = dbn_mean if eval_stats == "dbn" else running_mean
         if stats is None:
             raise ValueError(f"eval_stats={eval_stats!r} needs its buffers, which are None")
+    if _exporting():
+        # Before check_call, whose shape tests torch.jit.trace would warn about (the exporter
+        # validates the ATen op's arguments itself).
+        if not training:
+            return _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                                eps, eval_stats, use_batch_stats)
+        _refuse_onnx_training_export()
     check_call(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                dbn_mean=dbn_mean, dbn_std=dbn_std, num_batches_tracked=num_batches_tracked,
                training=use_batch_stats, momentum=momentum, eps=eps,
                needs_counter=training and (dbn_mean is not None or momentum is None),
                batch_is_local=group is None)
-    if not use_batch_stats and _exporting():
-        return _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, eps,
-                            eval_stats)
     if not training:
         # Buffers change in training only. Batch statistics in eval (no buffers to read) are a
         # training step with every update switched off.
@@ -74,11 +78,13 @@ def _exporting() -> bool:
 
 
 def _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, eps,
-                 eval_stats):
+                 eval_stats, use_batch_stats):
     """An eval step as ATen's batch norm with the statistics the layer evaluates with, for
     exporters: a ``torch.export`` program then holds ATen ops only (it loads and runs without
     dbn_kernels), ``torch.jit.trace`` records ``aten::batch_norm`` and both ONNX exporters emit
     a standard BatchNormalization node (which they may fold into a preceding convolution)."""
+    if use_batch_stats:  # no buffers (track_running_stats=False): the batch's own statistics
+        return torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if eval_stats == "dbn":
         # dbn_std includes eps: batch norm's sqrt(var + eps) gives it back, to about one ulp,
         # from var = dbn_std**2 - eps (no clamp needed: eps is added back before the sqrt). In
@@ -95,6 +101,17 @@ def _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, 
 
 
 _FULL = (torch.float32, torch.float64)
+
+
+def _refuse_onnx_training_export() -> None:
+    """A training step has no ONNX form here (the project's ops and autograd Function have no
+    ONNX translation): say what to do instead of the exporter's unknown-operator error."""
+    if torch.onnx.is_in_onnx_export():
+        raise RuntimeError(
+            "dbn_kernels layers export to ONNX in eval mode only: call model.eval() before "
+            "torch.onnx.export (its default training=TrainingMode.EVAL does), or call "
+            "dbn_kernels.revert(model) to export torch's own batch norm in their place (a "
+            "reverted DiminishingBatchNorm trains as plain batch norm)")
 
 
 def _requires_grad(t: torch.Tensor | None) -> bool:

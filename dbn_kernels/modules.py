@@ -15,6 +15,7 @@ import inspect
 
 import torch
 from torch import nn
+from torch.fx import Proxy
 
 from . import backends
 from ._checks import check_rank
@@ -64,6 +65,28 @@ class _ProjectNorm:
         """The group a training step synchronises over; ``None`` for the local layers."""
         return None
 
+    def _fx_node(self, input: Proxy, **kwargs) -> Proxy:
+        """What ``forward`` returns under ``torch.fx.symbolic_trace``: one ``call_module`` node
+        for the layer, as torch's own layers get. Tracing through ``forward`` instead would fail
+        (the rank check branches on a traced shape) or, worse, freeze the train/eval branch and
+        the buffer updates into the graph; as a node, the traced module calls this very layer,
+        so ``.train()``/``.eval()`` and the buffers behave as in eager. ``forward`` calls this
+        when its input is a ``torch.fx.Proxy``; keyword arguments left at ``None`` (their
+        default) are not recorded, so the node calls the layer as the traced code did."""
+        tracer = input.tracer
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), kwargs)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling. The layers' Python
+        # (backend dispatch, schedules, the autograd Function) is not TorchScript, and failing
+        # here names the way out instead of a compiler error deep inside forward.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: call "
+            "dbn_kernels.revert(model) first, which turns every dbn_kernels layer into torch's "
+            "own batch norm evaluating with the same statistics (for inference and export), or "
+            "use torch.jit.trace on the model in eval mode")
+
 
 class _BatchNormMixin(_ProjectNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -73,6 +96,8 @@ class _BatchNormMixin(_ProjectNorm):
                     backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return self._fx_node(input)
         self._check_input_dim(input)
         tracked = not self.training or self.track_running_stats
         return batch_norm(
@@ -139,6 +164,8 @@ class _DiminishingMixin(_ProjectNorm):
             self.dbn_std.fill_(1.0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return self._fx_node(input)
         self._check_input_dim(input)
         return diminishing_batch_norm(
             input, self.dbn_mean, self.dbn_std, self.num_batches_tracked, self.weight, self.bias,
