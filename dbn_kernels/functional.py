@@ -52,20 +52,19 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         shape = (1, -1, *([1] * (x.dim() - 2)))
         y = x * (1 if weight is None else weight.view(shape))
         return y if bias is None else y + bias.view(shape)
-    function = DiminishingBatchNormFunction
+    args = (x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
+            use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name,
+            group)
     if transforms_active():
-        function = TransformableFunction
-    elif not (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
-                                           or _requires_grad(bias))):
+        return TransformableFunction.apply(*args)[0]
+    if not (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
+                                         or _requires_grad(bias))):
         # No gradient can be asked for: the op alone, without recording a graph (the Function's
         # machinery is a third of an eval call's host time on a GPU).
         return run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                            num_batches_tracked, use_batch_stats, momentum, eps, alpha_params,
                            eval_stats, name, group)[0]
-    return function.apply(
-        x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
-        use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name,
-        group)[0]
+    return DiminishingBatchNormFunction.apply(*args)
 
 
 def _exporting() -> bool:
