@@ -275,3 +275,18 @@ def test_vmap_training_with_shared_buffers_is_refused_untouched(backend):
         vmap(layer)(torch.randn(4, 5, 3, 2, 2, dtype=D, device=device))
     for key, value in layer.state_dict().items():
         torch.testing.assert_close(value, before[key], msg=key)
+
+
+def test_hessian_by_forward_over_reverse_equals_double_backward(backend):
+    """torch.func.hessian (jacfwd over jacrev: forward mode through the differentiable backward)
+    against torch.autograd.functional.hessian (double backward)."""
+    fn = _step_fn(backend, True)
+    x, w, b = (t.detach() for t in _inputs(backend[1], shape=(3, 3, 2)))
+
+    def loss(x):
+        return (fn(x, w, b) * torch.linspace(-1, 2, x.numel(), dtype=D, device=x.device)
+                .view(x.shape)).sin().sum()
+
+    torch.testing.assert_close(torch.func.hessian(loss)(x),
+                               torch.autograd.functional.hessian(loss, x),
+                               rtol=1e-10, atol=1e-12)
