@@ -140,7 +140,7 @@ def test_revert_keeps_parameters_state_and_output(kind, bias):
         # torch's own state_dict: no dbn_* buffers; a bias-free layer has no bias entry
         assert set(new.state_dict()) == set(torch_norm(nn.BatchNorm2d, 5, bias=new.bias is not None)
                                             .state_dict())
-    close(eval_out(model.eval(), x), expected, 1e-6)
+    close(eval_out(model.eval(), x), expected, 1e-5)
 
 
 def test_revert_bare_layers_sync_dtype_and_options():
@@ -165,7 +165,7 @@ def test_revert_bare_layers_sync_dtype_and_options():
         assert type(new) is nn.BatchNorm1d
         assert (new.affine, new.track_running_stats) == (layer.affine, layer.track_running_stats)
         assert (new.weight is None) == (not layer.affine)
-        close(eval_out(new, x), eval_out(layer, x), 1e-6)
+        close(eval_out(new, x), eval_out(layer, x), 1e-5)
 
     # the sync layers become torch's SyncBatchNorm, with their process group
     group = object()  # stands for a process group; it is only stored
@@ -177,7 +177,7 @@ def test_revert_bare_layers_sync_dtype_and_options():
         new = dbn.revert(layer)
         assert type(new) is nn.SyncBatchNorm and new.process_group is group
         assert new.weight is layer.weight and new.bias is layer.bias
-        close(eval_out(new, x), eval_out(layer, x), 1e-6)
+        close(eval_out(new, x), eval_out(layer, x), 1e-5)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -325,7 +325,7 @@ def test_script_reverted_model_matches(kind):
     x = _inputs(2)
     with quiet():
         scripted = torch.jit.script(dbn.revert(copy.deepcopy(model)))
-    close(eval_out(scripted, x), eval_out(model, x), 1e-6)
+    close(eval_out(scripted, x), eval_out(model, x), 1e-5)
 
 
 @pytest.mark.parametrize("layer", [dbn.BatchNorm2d(3), dbn.DiminishingBatchNorm1d(3),
@@ -348,7 +348,7 @@ def test_trace_and_export_run_without_dbn_kernels(tmp_path):
         with quiet():
             traced = torch.jit.trace(model, x)
         assert "dbn::" not in str(traced.inlined_graph)
-        close(eval_out(traced, fresh), eval_out(model, fresh), 1e-6)
+        close(eval_out(traced, fresh), eval_out(model, fresh), 1e-5)
         traced.save(str(tmp_path / f"{kind}.jit.pt"))
 
         # a symbolic batch size: the eval step has no shape-dependent branch
@@ -357,7 +357,7 @@ def test_trace_and_export_run_without_dbn_kernels(tmp_path):
         namespaces = {n.target.namespace for n in program.graph.nodes
                       if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
         assert namespaces == {"aten"}, namespaces
-        close(program.module()(fresh), eval_out(model, fresh), 1e-6)
+        close(program.module()(fresh), eval_out(model, fresh), 1e-5)
         torch.export.save(program, tmp_path / f"{kind}.pt2")
 
     # a fresh interpreter that never imports dbn_kernels loads and runs both
@@ -378,8 +378,8 @@ def test_trace_and_export_run_without_dbn_kernels(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for kind, model in models.items():
         expected = eval_out(model, fresh)
-        close(torch.load(tmp_path / f"{kind}.jit.out"), expected, 1e-6)
-        close(torch.load(tmp_path / f"{kind}.pt2.out"), expected, 1e-6)
+        close(torch.load(tmp_path / f"{kind}.jit.out"), expected, 1e-5)
+        close(torch.load(tmp_path / f"{kind}.pt2.out"), expected, 1e-5)
 
 
 def test_compile_keeps_the_project_ops_in_eval():
@@ -395,6 +395,6 @@ def test_compile_keeps_the_project_ops_in_eval():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, fullgraph=True)
     x = _inputs(2)
-    close(eval_out(compiled, x), eval_out(model, x), 1e-6)
+    close(eval_out(compiled, x), eval_out(model, x), 1e-5)
     assert any("dbn" in str(n.target) for gm in graphs for n in gm.graph.nodes)
     assert not any("batch_norm" in str(n.target) for gm in graphs for n in gm.graph.nodes)
