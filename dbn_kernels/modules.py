@@ -74,8 +74,13 @@ class _ProjectNorm:
         when its input is a ``torch.fx.Proxy``; keyword arguments left at ``None`` (their
         default) are not recorded, so the node calls the layer as the traced code did."""
         tracer = input.tracer
+        path = tracer.path_of_module(self)
+        if not path:  # the traced root itself: a call_module node needs a submodule to call
+            raise RuntimeError(
+                f"torch.fx traces a {type(self).__name__} only inside a module that holds it "
+                "(as with torch's batch norm layers); trace e.g. nn.Sequential(layer)")
         kwargs = {name: value for name, value in kwargs.items() if value is not None}
-        return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), kwargs)
+        return tracer.create_proxy("call_module", path, (input,), kwargs)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling. The layers' Python

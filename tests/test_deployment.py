@@ -255,6 +255,17 @@ def test_fx_trace_keeps_each_layer_as_one_dynamic_node(kind):
         close(b, frozen[name], 0)
 
 
+def test_fx_trace_of_a_bare_layer_says_what_to_do():
+    with pytest.raises(RuntimeError, match=r"inside a module that holds it"):
+        torch.fx.symbolic_trace(dbn.DiminishingBatchNorm2d(3))
+    layer = dbn.DiminishingBatchNorm2d(3)
+    traced = torch.fx.symbolic_trace(nn.Sequential(layer))
+    traced(_inputs(2))
+    assert int(layer.num_batches_tracked) == 1
+    x = _inputs(2)
+    close(eval_out(traced.eval(), x), eval_out(layer, x), 0)
+
+
 @pytest.mark.parametrize("kind", ["bn", "dbn"])
 def test_fx_fuse_without_revert_leaves_the_layers(kind):
     """torch.fx's fuse matches exact types: the project's layers stay, and stay right."""
