@@ -22,7 +22,7 @@ import dbn_kernels as dbn
 from contract import (BUFFER_ORDER, DEVICE, EPS, LAYOUTS, REFERENCE, Backend, as_double,
                       assert_buffers_close, assert_stats_close, bits, check_backward,
                       check_train_step, dbl, is_nsc, make_state, make_x, params,
-                      poisoned_allocations, train)
+                      poisoned_allocations, to_layout, train)
 
 pytest.importorskip("triton")
 pytest.importorskip("dbn_kernels.triton_kernels")
@@ -204,6 +204,66 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
         pytest.skip(proc.stdout.strip()[-500:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failure(s)" in proc.stdout
+
+
+# ---- accuracy of the batch statistics ----------------------------------------------------------
+
+# Few channels and few rows (one value per lane of a channels_last tile), a single channel, many
+# channels with one row each, rows that no tile size divides (495 rows: with the default tuning a
+# full tile of 256 and a partial one), and several channel blocks with a partial tile.
+ACCURACY_SHAPES = [(2, 3, 6, 6), (4, 1, 7, 7), (8, 1000, 1, 1), (5, 7, 9, 11), (3, 130, 5, 5)]
+
+
+@pytest.mark.parametrize("shape", ACCURACY_SHAPES, ids=str)
+def test_batch_statistics_as_accurate_as_pytorch(shape):
+    """float32 batch mean and saved batch invstd against float64, in both memory formats: within
+    4x the error PyTorch has on the same values plus one float32 ulp of the mean, and
+    channels_last within 2x the contiguous path's error plus half an ulp.
+
+    Inputs of mean 3 and std 2: a merge that rounds at the size of the lane means once per lane
+    errs in proportion to their spread, while a correctly rounded mean errs by half an ulp of
+    |mean|; here channels_last used to be off by 4 to 6 ulp, the contiguous path by about one.
+    PyTorch's errors are those of torch.var_mean for the mean and of batch norm's saved invstd on
+    the contiguous input (its channels_last CPU kernel is less accurate, which would excuse the
+    very error this test is for). The worst error over a dozen or more channel samples (several
+    draws when C is small), so that no single lucky rounding decides."""
+    C = shape[1]
+    dims = [0, *range(2, len(shape))]
+    gen = torch.Generator().manual_seed(20240)
+    forward = TRITON.op("train_forward")
+    mean_err = {layout: 0.0 for layout in (*LAYOUTS, "torch")}
+    invstd_err = dict(mean_err)
+    magnitude = 0.0
+    for _ in range(min(4, -(-12 // C))):
+        x = (torch.randn(shape, dtype=torch.float64, generator=gen) * 2.0 + 3.0).float()
+        var64, mean64 = torch.var_mean(x.double(), dims, unbiased=False)
+        invstd64 = (var64 + EPS).rsqrt()
+        magnitude = max(magnitude, mean64.abs().max().item())
+
+        def record(layout, mean, invstd):
+            mean_err[layout] = max(mean_err[layout],
+                                   (mean.double().cpu() - mean64).abs().max().item())
+            rel = (invstd.double().cpu() - invstd64) / invstd64
+            invstd_err[layout] = max(invstd_err[layout], rel.abs().max().item())
+
+        for layout in LAYOUTS:
+            out = forward(to_layout(x, layout).to(DEVICE), None, None, None, None, None, None,
+                          None, 0.1, EPS, 1.0, 0.0, 0.0)
+            record(layout, out[3], out[4])  # the saved batch mean and batch invstd
+        xd = x.to(DEVICE)
+        torch_mean = torch.var_mean(xd, dims, unbiased=False)[1]
+        torch_invstd = torch.ops.aten.native_batch_norm(xd, None, None, None, None, True, 0.0,
+                                                        EPS)[2]
+        record("torch", torch_mean, torch_invstd)
+    mag32 = torch.tensor(magnitude, dtype=torch.float32)
+    ulp = (torch.nextafter(mag32, torch.tensor(math.inf)) - mag32).item()
+    rel_ulp = 2.0**-23  # invstd's error is relative: one ulp of a value in [1, 2)
+    found = f"mean errors {mean_err}, invstd errors {invstd_err}, ulp of the mean {ulp:.2e}"
+    for layout in LAYOUTS:
+        assert mean_err[layout] <= 4 * mean_err["torch"] + ulp, found
+        assert invstd_err[layout] <= 4 * invstd_err["torch"] + rel_ulp, found
+    assert mean_err["channels_last"] <= 2 * mean_err["contiguous"] + ulp / 2, found
+    assert invstd_err["channels_last"] <= 2 * invstd_err["contiguous"] + rel_ulp / 2, found
 
 
 # ---- end to end through the modules ------------------------------------------------------------

@@ -54,7 +54,9 @@ def backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, stack_ptr, C, S, M, s_blocks
     else:
         center = mean[:, None]
         sum_dy = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
-    # sum(dy * (x - mean)); invstd is applied once per channel in the finalize.
+    # sum(dy * (x - mean)); invstd is applied once per channel in the finalize. Centered on the
+    # saved mean, these terms are small and of both signs: plain per-lane sums, unlike the
+    # forward's lane means, need no pivot (see tiling.merge_lanes).
     sum_dy_xc = tl.zeros_like(sum_dy)
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tiles)

@@ -98,17 +98,27 @@ def merge_lanes(mean, m2, count, AXIS: tl.constexpr):
     mean, then M2 plus each lane's count times its squared distance from that mean (no
     E[x^2] - E[x]^2). A plain tree reduction: fixed order, so bitwise reproducible.
 
-    The weighted sum runs over deviations from the largest lane mean, not over the means: a sum
-    of count * mean would round at the size of |mean|, a few ulp of the result when
-    |mean| >> std, while the deviations are small and nearly exact."""
+    The mean comes in two steps. First an estimate, the count-weighted average of the lane means
+    (weights count / n <= 1: nothing overflows), which rounds at the size of |mean| with every
+    lane it adds. Then the correction, the weighted average of the deviations from the estimate:
+    those have both signs and are about the size of the lanes' spread, so their sum stays near
+    zero and rounds far below an ulp of the mean, in whatever order the reduction adds them (a
+    tree on a GPU; one row after another under Triton's interpreter, which sums along axis 0
+    with numpy). The result is off by about the final rounding.
+
+    Centering on one lane's mean instead (the largest, say) makes every deviation one-signed and
+    as large as the distance from that lane to the mean: their sum grows with the lane count,
+    and its rounding becomes the mean's error. Lanes holding one value each (channels_last tiles
+    of a small batch: every row is a lane) spread like the data, a few std, and the mean would
+    be off by several ulp there."""
     n = tl.sum(count, AXIS)
-    pivot = tl.max(tl.where(count > 0, mean, float("-inf")), AXIS)
-    pivot = tl.where(n > 0, pivot, 0.0)
-    dev = mean - tl.expand_dims(pivot, AXIS)
-    shift = tl.sum(count * dev, AXIS) / tl.maximum(n, 1.0)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    estimate = tl.sum(count * tl.expand_dims(inv_n, AXIS) * mean, AXIS)
+    dev = mean - tl.expand_dims(estimate, AXIS)
+    shift = tl.sum(count * dev, AXIS) * inv_n
     dev = dev - tl.expand_dims(shift, AXIS)
     m2 = tl.sum(m2 + count * dev * dev, AXIS)
-    return pivot + shift, m2, n
+    return estimate + shift, m2, n
 
 
 @triton.jit
