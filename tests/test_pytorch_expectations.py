@@ -350,7 +350,7 @@ GRADGRAD_SLOW = {"1d-affine", "2d-affine_not_bias", "1d-3d_input_not_affine"}
 
 
 @pytest.mark.parametrize("backend,sample,kind,training", cases(
-    [(s, kind, training) for s in SAMPLES if s.shape[0] > 0
+    [(s, kind, training) for s in SAMPLES
      for kind in ("bn", "dbn-a1", "dbn") if kind == "bn" or s.tracks
      for training in (True, False)],
     slow_subset=lambda s, kind, training: str(s) in GRADGRAD_SLOW and kind != "dbn-a1"))
@@ -380,7 +380,7 @@ def second_derivatives(layer, x, grad_y, weights):
 
 
 @pytest.mark.parametrize("backend,sample,kind,training", cases(
-    [(s, kind, training) for s in SAMPLES if s.shape[0] > 0
+    [(s, kind, training) for s in SAMPLES
      for kind in ("bn", "dbn-a1") if kind == "bn" or s.tracks for training in (True, False)],
     slow_subset=lambda s, kind, training: str(s) in {"1d-affine", "2d-momentum"}))
 def test_second_derivatives_equal_torch(request, backend, sample, kind, training):
@@ -810,3 +810,87 @@ def test_empty_batch_like_torch(request, backend, shape, momentum, kind):
                 assert int(value) == int(before[name]) + training
             else:
                 assert torch.equal(value, before[name]), name
+
+
+# ---- what test_modules.py asks of every module ---------------------------------------------
+
+@pytest.mark.parametrize("backend,dims", cases([1, 2, 3], slow_subset=lambda dims: dims == 2))
+def test_tracking_switched_off_after_construction(request, backend, dims):
+    """test_batchnorm_buffer_update_when_stats_are_not_tracked: a layer built with running
+    statistics whose ``track_running_stats`` is then set to False normalises with the batch in
+    training without touching its buffers, and evaluates with the buffers it holds. (Plain
+    batch norm only: the Diminishing layers need their buffers and are built only with
+    tracking.)"""
+    impl = use(backend, request)
+    shape = {1: (4, 3), 2: (2, 3, 3, 3), 3: (2, 3, 2, 2, 2)}[dims]
+    expected, actual = pair("bn", dims, 3, impl=impl)
+    before = {k: v.clone() for k, v in expected.named_buffers()}
+    for layer in (expected, actual):
+        layer.track_running_stats = False
+    for training in (True, False):
+        expected.train(training)
+        actual.train(training)
+        check_step(expected, actual, make_x(shape, impl.dtype, impl.device), tol=TOL[impl.dtype],
+                   grad_tol=GRAD_TOL[impl.dtype])
+    for name, value in before.items():
+        assert torch.equal(getattr(expected, name), value), name  # PyTorch's behaviour ...
+        assert torch.equal(getattr(actual, name), value), name  # ... is the project's
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["bn", "dbn"])
+@pytest.mark.parametrize("factory", [dict(dtype=torch.float64), dict(dtype=torch.float16),
+                                     dict(device="meta"), dict(device="meta", dtype=torch.bfloat16)],
+                         ids=lambda f: "-".join(_id(v) for v in f.values()))
+def test_factory_kwargs_like_torch(dims, kind, factory):
+    """test_factory_kwargs: parameters and buffers on the device and in the dtype asked for, as
+    PyTorch's layer places them (num_batches_tracked stays int64); the Diminishing buffers
+    follow the running statistics."""
+    expected = torch_norm(TORCH_CLS[dims], 4, **factory)
+    cls = PLAIN[dims] if kind == "bn" else DIMINISHING[dims]
+    actual = cls(4, **factory, **(KINDS[kind] or {}))
+    mine = actual.state_dict()
+    for name, t in expected.state_dict().items():
+        assert (mine[name].dtype, mine[name].device, mine[name].shape) == \
+            (t.dtype, t.device, t.shape), name
+    for name in set(mine) - set(expected.state_dict()):
+        t = expected.running_mean
+        assert (mine[name].dtype, mine[name].device, mine[name].shape) == \
+            (t.dtype, t.device, t.shape), name
+    assert [n for n, _ in actual.named_parameters()] == \
+        [n for n, _ in expected.named_parameters()]
+
+
+@pytest.mark.parametrize("kind", ["bn", "dbn-a1", "dbn"])
+def test_save_and_load_whole_module(kind):
+    """test_save_load: a trained layer saved with torch.save and loaded again is the same layer
+    (class, options, state) and computes the same outputs; its state_dict alone loads with
+    weights_only=True."""
+    import io
+
+    impl = IMPLS["reference"]
+    layer = ours(kind, 2, 3, impl=impl, momentum=None)
+    randomise(layer)
+    for _ in range(2):
+        layer(make_x((4, 3, 2, 2), impl.dtype, impl.device))
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(layer) and repr(loaded) == repr(layer)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    from_state = ours(kind, 2, 3, impl=impl, momentum=None)
+    from_state.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    for other in (loaded, from_state):
+        assert_buffers_equal(other, layer, dict(rtol=0, atol=0))
+        for training in (True, False):  # training: the step count sets the cumulative average
+            x = make_x((4, 3, 2, 2), impl.dtype, impl.device)
+            state = {k: v.clone() for k, v in layer.state_dict().items()}
+            other.train(training)
+            layer.train(training)
+            torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+            assert_buffers_equal(other, layer, dict(rtol=0, atol=0))
+            layer.load_state_dict(state)
+            other.load_state_dict(state)
