@@ -16,12 +16,16 @@ GPU, ``cuda`` (marked ``gpu``). The interpreter and the emulation are slow, so t
 representative subset of each test's cases. float64 runs the reference (the other backends
 compute float64 with it too), so they are checked in float32.
 
-What ``test_torch_parity.py`` already checks (float32 module samples on the reference and
-interpreted Triton, channels_last 2d) is not repeated here.
+``test_torch_parity.py`` checks the module samples in float32 on the reference and the
+interpreter (taken from the installed torch's module_db); here they are the file's own table,
+checked against module_db, in float64 on the reference and on the emulation too. Its
+channels_last checks are extended here to 3d, to the emulation, and to an output gradient in the
+other memory format.
 """
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 
@@ -89,22 +93,19 @@ IMPLS = {
 }
 
 
-def _backend_param(name, *values, id):
-    marks = [pytest.mark.gpu] if name == "cuda" else []
-    return pytest.param(name, *values, id=f"{name}-{id}" if id else name, marks=marks)
-
-
-def cases(items, *, slow_subset=None, ids=None):
-    """pytest params ``(backend, *item)`` for every backend; the slow backends (the interpreter,
-    the emulation) get only the items ``slow_subset(*item)`` accepts."""
+def cases(items, *, slow_subset=None):
+    """pytest params ``(backend, *item)`` for every backend (``cuda`` marked ``gpu``); the slow
+    backends (the interpreter, the emulation) get only the items ``slow_subset(*item)``
+    accepts."""
     params = []
     for name, impl in IMPLS.items():
         for item in items:
             item = item if isinstance(item, tuple) else (item,)
             if impl.slow and slow_subset is not None and not slow_subset(*item):
                 continue
-            params.append(_backend_param(name, *item, id=ids(*item) if ids else "-".join(
-                _id(v) for v in item)))
+            params.append(pytest.param(
+                name, *item, id="-".join([name, *map(_id, item)]),
+                marks=[pytest.mark.gpu] if name == "cuda" else []))
     return params
 
 
@@ -355,6 +356,9 @@ GRADGRAD_SLOW = {"1d-affine", "2d-affine_not_bias", "1d-3d_input_not_affine"}
      for training in (True, False)],
     slow_subset=lambda s, kind, training: str(s) in GRADGRAD_SLOW and kind != "dbn-a1"))
 def test_gradgradcheck(request, backend, sample, kind, training):
+    """test_modules' test_grad and test_gradgrad: first and second derivatives of the layer's
+    output in x, weight and bias agree with finite differences (for the Diminishing layer too,
+    with a_k < 1)."""
     impl = use(backend, request)
     layer = ours(kind, sample.dims, *sample.args, impl=impl, dtype=torch.float64, **sample.kw)
     randomise(layer)
@@ -384,6 +388,7 @@ def second_derivatives(layer, x, grad_y, weights):
      for kind in ("bn", "dbn-a1") if kind == "bn" or s.tracks for training in (True, False)],
     slow_subset=lambda s, kind, training: str(s) in {"1d-affine", "2d-momentum"}))
 def test_second_derivatives_equal_torch(request, backend, sample, kind, training):
+    """Double backward (create_graph=True) gives PyTorch's second derivatives of batch norm."""
     impl = use(backend, request)
     dtype = impl.dtype
     expected, actual = pair(kind, sample.dims, *sample.args, impl=impl, **sample.kw)
@@ -464,6 +469,8 @@ def test_momentum_not_validated_in_eval(request, backend, momentum, kind, track)
      for training in (True, False)],
     slow_subset=lambda dims, kind, training: dims == 2 and training))
 def test_wrong_rank_like_torch(request, backend, dims, kind, training):
+    """Inputs of every rank from 0 to 6 the layer does not take: PyTorch's ValueError and
+    message."""
     impl = use(backend, request)
     expected, actual = pair(kind, dims, 3, impl=impl)
     expected.train(training)
@@ -601,8 +608,7 @@ LOW_TOL = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=
 @pytest.mark.parametrize("backend,dtype,param_dtype,dims", cases(
     [(dtype, param_dtype, dims) for dtype in (torch.float16, torch.bfloat16)
      for param_dtype in ("input", "float32") for dims in (1, 2)],
-    slow_subset=lambda dtype, param_dtype, dims: dtype == torch.float16 and dims == 2),
-    ids=None)
+    slow_subset=lambda dtype, param_dtype, dims: dtype == torch.float16 and dims == 2))
 def test_half_overflow(request, backend, dtype, param_dtype, dims):
     """Values around 3e4 (float16's largest is 65504): their sum and their squares overflow
     float16, their variance does not. Outputs, gradients and buffers are finite and close to
@@ -772,8 +778,7 @@ def _copy_state(state):
     [(shape, momentum, kind) for shape in ((0, 5), (0, 5, 9), (0, 5, 2, 2), (0, 5, 2, 2, 2))
      for momentum in (0.3, None) for kind in ("bn", "dbn-a1", "dbn")],
     slow_subset=lambda shape, momentum, kind: len(shape) == 4 and momentum is None
-    and kind != "dbn-a1"),
-    ids=None)
+    and kind != "dbn-a1"))
 def test_empty_batch_like_torch(request, backend, shape, momentum, kind):
     """A training step on an empty batch: output of the input's shape, gradients of their
     shapes (zero for the parameters), running statistics untouched and the step counted, as
@@ -839,9 +844,9 @@ def test_tracking_switched_off_after_construction(request, backend, dims):
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["bn", "dbn"])
-@pytest.mark.parametrize("factory", [dict(dtype=torch.float64), dict(dtype=torch.float16),
-                                     dict(device="meta"), dict(device="meta", dtype=torch.bfloat16)],
-                         ids=lambda f: "-".join(_id(v) for v in f.values()))
+@pytest.mark.parametrize("factory", [
+    dict(dtype=torch.float64), dict(dtype=torch.float16), dict(device="meta"),
+    dict(device="meta", dtype=torch.bfloat16)], ids=lambda f: "-".join(map(_id, f.values())))
 def test_factory_kwargs_like_torch(dims, kind, factory):
     """test_factory_kwargs: parameters and buffers on the device and in the dtype asked for, as
     PyTorch's layer places them (num_batches_tracked stays int64); the Diminishing buffers
@@ -866,8 +871,6 @@ def test_save_and_load_whole_module(kind):
     """test_save_load: a trained layer saved with torch.save and loaded again is the same layer
     (class, options, state) and computes the same outputs; its state_dict alone loads with
     weights_only=True."""
-    import io
-
     impl = IMPLS["reference"]
     layer = ours(kind, 2, 3, impl=impl, momentum=None)
     randomise(layer)
