@@ -19,7 +19,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import dbn_kernels as dbn
@@ -81,6 +80,14 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def fx_fuse(model):
+    """``torch.fx.experimental.optimization.fuse``, imported on first use: the import defines
+    TorchScript modules, which torch 2.11 warns about."""
+    with quiet():
+        from torch.fx.experimental.optimization import fuse
+    return fuse(model)
 
 
 def close(actual, expected, atol):
