@@ -129,10 +129,7 @@ class _DiminishingMixin(_ProjectNorm):
                            device, dtype, bias, alpha, eval_stats, grad_through_stats, backend,
                            **torch_kwargs):
         if not track_running_stats:
-            raise ValueError(
-                f"{type(self).__name__} keeps its averaged statistics in buffers and needs "
-                "track_running_stats=True; use BatchNorm with track_running_stats=False for "
-                "batch statistics only")
+            raise self._needs_tracking()
         self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
                     backend, **torch_kwargs)
         factory = {"device": device, "dtype": dtype}
@@ -168,10 +165,18 @@ class _DiminishingMixin(_ProjectNorm):
             self.dbn_mean.zero_()
             self.dbn_std.fill_(1.0)
 
+    def _needs_tracking(self) -> ValueError:
+        return ValueError(
+            f"{type(self).__name__} keeps its averaged statistics in buffers and needs "
+            "track_running_stats=True; use BatchNorm with track_running_stats=False for batch "
+            "statistics only")
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
             return self._fx_node(input)
         self._check_input_dim(input)
+        if not self.track_running_stats:  # switched off after construction
+            raise self._needs_tracking()
         return diminishing_batch_norm(
             input, self.dbn_mean, self.dbn_std, self.num_batches_tracked, self.weight, self.bias,
             self.running_mean, self.running_var, self.training, self._alpha, self.momentum,

@@ -87,6 +87,11 @@ def test_invalid_constructor_arguments_name_themselves():
         dbn.BatchNorm2d(3, backend="cudnn")
     with pytest.raises(ValueError, match="track_running_stats"):
         dbn.DiminishingBatchNorm2d(3, track_running_stats=False)
+    switched_off = dbn.DiminishingBatchNorm2d(3)
+    switched_off.track_running_stats = False  # torch's layers honour this after construction
+    with pytest.raises(ValueError, match="track_running_stats"):
+        switched_off(torch.randn(4, 3, 2, 2))
+    assert switched_off.num_batches_tracked == 0 and switched_off.dbn_std.eq(1).all()
     layer = dbn.DiminishingBatchNorm2d(3)
     with pytest.raises(ValueError, match="eval_stats"):
         layer.eval_stats = "nope"
