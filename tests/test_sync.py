@@ -349,7 +349,11 @@ def test_compiled_sync_layer_matches_eager(tmp_path, backend):
         for case, compiled, eager in zip(specs, r["compiled"], r["eager"]):
             for step, (c, e) in enumerate(zip(compiled["steps"], eager["steps"])):
                 for key in ("y", "grad_x", "grad_weight", "grad_bias"):
-                    torch.testing.assert_close(c[key], e[key], rtol=1e-6, atol=1e-6,
+                    # Inductor computes the loss and its dy with fused kernels of its own, whose
+                    # float32 rounding differs from eager's by an ulp here and there; summed
+                    # into a parameter gradient that reaches a few 1e-6 (seed 1224154349).
+                    tol = 1e-6 if key == "y" else 1e-5
+                    torch.testing.assert_close(c[key], e[key], rtol=tol, atol=tol,
                                                msg=lambda m: f"{case} rank {rank} step {step} "
                                                              f"{key}: {m} (seed {seed})")
                 for name, value in e["buffers"].items():
