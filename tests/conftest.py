@@ -88,3 +88,4 @@ def emulation(emulation_build_dir):
     from emulation import PREFIX
 
     return PREFIX
+

@@ -12,8 +12,9 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, stack_module_state, vmap
 
 import dbn_kernels as dbn
-from dbn_kernels import backends, derivatives
+from dbn_kernels import derivatives
 from dbn_kernels import functional as F
+from layer_backends import prepare_layer_backend
 from oracle import DBNOracle
 
 D = torch.float64
@@ -23,14 +24,7 @@ D = torch.float64
                         pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request):
     """(backend name for ``backend=``, device)."""
-    name = request.param
-    if name == "triton":
-        pytest.importorskip("triton")
-        pytest.importorskip("dbn_kernels.triton_kernels")
-    if name == "emu":
-        request.getfixturevalue("emulation")
-        # The emulation is not a user-facing backend: layers reach it through resolution's cache.
-        backends._RESOLVED[("emu", None, "cpu")] = "emu"
+    name = prepare_layer_backend(request.param, request)
     device = "cuda" if name in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
     return name, device
 

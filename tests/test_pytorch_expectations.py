@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import dbn_kernels as dbn
-from dbn_kernels import _extension
+from layer_backends import prepare_layer_backend
 from torch_compat import torch_norm
 
 HAS_CUDA = torch.cuda.is_available()
@@ -121,20 +121,8 @@ def _id(value) -> str:
 
 def use(backend: str, request) -> Impl:
     """Set the backend up for a test and return it."""
-    impl = IMPLS[backend]
-    if backend == "triton":
-        if "triton" not in dbn.available_backends(impl.device):
-            pytest.skip(f"Triton cannot run on {impl.device} here")
-    elif backend == "emu":
-        request.getfixturevalue("emulation")
-        # The emulation is no user-facing backend name: layers reach it through the resolution
-        # cache (as in test_sync.py).
-        dbn.backends._RESOLVED[("emu", None, "cpu")] = "emu"
-    elif backend == "cuda":
-        reason = _extension.load()
-        if reason is not None:
-            pytest.fail(f"a GPU is present but the cuda backend is not: {reason}")
-    return impl
+    prepare_layer_backend(backend, request)
+    return IMPLS[backend]
 
 
 # ---- layers ------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import nn
 
 import dbn_kernels as dbn
 from contract import to_layout
+from layer_backends import prepare_layer_backend
 from sync_worker import BUFFERS, buffers, make_layer, schedule, small_cnn
 
 WORKER = Path(__file__).resolve().parent / "sync_worker.py"
@@ -205,11 +206,6 @@ def group_run(tmp_path_factory, request):
     return run
 
 
-def _single_process_backend(backend: str, request) -> str:
-    if backend == "emu":
-        request.getfixturevalue("emulation")
-        dbn.backends._RESOLVED[("emu", None, "cpu")] = "emu"  # see sync_worker.use_backend
-    return backend
 
 
 _NCCL = [pytest.mark.gpu,
@@ -233,7 +229,7 @@ def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, b
     results = [r[index] for r in ranks]
     tol = TOLERANCES[case["dtype"]]
     where = f"seed {case['seed']}"
-    single = make_layer(case, _single_process_backend(backend, request), sync=False,
+    single = make_layer(case, prepare_layer_backend(backend, request), sync=False,
                         device=device)
     assert not isinstance(single, nn.SyncBatchNorm)
 
