@@ -8,7 +8,10 @@ a backend never touches this file.
 The backend ops are opaque to autograd's other modes, so the Function provides them itself:
 double backward and ``torch.func`` transforms over the backward get the gradients in
 differentiable ops (``derivatives``), forward-mode AD a ``jvp`` rule, and ``vmap`` a rule that
-runs the reference passes under a nested vmap. An ordinary backward keeps the backend's op.
+runs the reference passes under a nested vmap. An ordinary backward keeps the backend's op. The
+last two rules live on a twin class, ``TransformableFunction``, used only while a transform is
+active: same forward and backward, but ``torch.compile`` cannot trace a Function that has them,
+and the ``setup_context`` form they need costs host time on every call.
 """
 
 from __future__ import annotations
