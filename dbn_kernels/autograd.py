@@ -130,11 +130,10 @@ def _forward_as_passes(x, weight, bias, running_mean, running_var, dbn_mean, dbn
     mean, spread, spread_is_std = _eval_statistics(running_mean, running_var, dbn_mean, dbn_std,
                                                    eval_stats)
     acc = stat_dtype(x)
-    spread = spread.to(acc)
-    invstd = spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
+    invstd = reference.eval_invstd(spread, eps, spread_is_std, acc)
     scale = invstd if weight is None else invstd * weight
     shift = torch.zeros_like(scale) if bias is None else bias.to(acc)
-    coef = torch.stack((mean.to(acc), scale, shift.expand_as(scale)))
+    coef = torch.stack((mean.to(acc), scale, shift))
     return reference.normalize(x, coef), _eval_saved(mean, invstd)
 
 

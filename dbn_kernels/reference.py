@@ -229,10 +229,16 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     return y, mean, invstd, batch_mean, batch_invstd, alpha
 
 
+def eval_invstd(spread, eps, spread_is_std, acc):
+    """1/sigma of an eval step, in ``acc``: ``spread`` is a std (``dbn_std``, eps included) or
+    a variance (``running_var``)."""
+    spread = _as(spread, acc)
+    return spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
+
+
 def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
     acc = stat_dtype(x)
-    spread = _as(spread, acc)
-    invstd = spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
+    invstd = eval_invstd(spread, eps, spread_is_std, acc)
     centered = x - _as(mean, acc).view(*_channel_shape(x))
     scale = invstd if weight is None else invstd * weight
     return _normalize_in_place(centered, x, scale, bias), invstd
