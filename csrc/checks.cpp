@@ -93,6 +93,15 @@ void OpCheck::like_input(const char* name, const Tensor& t, const Tensor& x) con
   TORCH_CHECK(t.is_floating_point(), op_, ": ", name, " must be floating point");
 }
 
+void OpCheck::epilogue_input(const char* name, const OptTensor& t, const Tensor& x) const {
+  if (!t.has_value()) return;
+  on_device(name, *t);
+  TORCH_CHECK(t->sizes() == x.sizes(), op_, ": ", name, " has shape ", t->sizes(),
+              " but the input has shape ", x.sizes(), "; they must match (no broadcasting)");
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), op_, ": ", name, " has dtype ",
+              t->scalar_type(), " but the input has ", x.scalar_type(), "; they must match");
+}
+
 void OpCheck::coef(const Tensor& coef, std::initializer_list<int64_t> rows) const {
   on_device("coef", coef);
   bool rows_ok = false;

@@ -42,6 +42,9 @@ class OpCheck {
   void scalar(const char* name, const Tensor& t) const;
   // grad_y: x's shape, floating point, on the device.
   void like_input(const char* name, const Tensor& t, const Tensor& x) const;
+  // The fused epilogue's residual or relu_output, when given: x's shape and dtype on x's device,
+  // in any memory format (the launchers read it in x's).
+  void epilogue_input(const char* name, const OptTensor& t, const Tensor& x) const;
   // Coefficients: (rows, C) in the statistics dtype of the input, rows one of `rows`.
   void coef(const Tensor& coef, std::initializer_list<int64_t> rows) const;
   // num_batches_tracked: one int64 element on the device, or none.

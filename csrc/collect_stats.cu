@@ -8,7 +8,8 @@ void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* pa
                           int64_t* counter, cudaStream_t stream) {
   DBN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "dbn collect_stats", [&] {
     const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
-    launch_reduce<scalar_t, WelfordOp>(xp, nullptr, nullptr, plan, part, counter, stream);
+    launch_reduce<scalar_t, WelfordOp>(xp, nullptr, nullptr, nullptr, plan, part, counter,
+                                         stream);
   });
 }
 

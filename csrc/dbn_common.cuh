@@ -64,6 +64,12 @@ __device__ __forceinline__ void load_as_float(const T* __restrict__ p, float (&o
   }
 }
 
+// N elements as they are stored (one 16-byte or narrower load).
+template <typename T, int N>
+__device__ __forceinline__ AlignedVec<T, N> load_vec(const T* __restrict__ p) {
+  return *reinterpret_cast<const AlignedVec<T, N>*>(p);
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void store_from_float(T* __restrict__ p, const float (&in)[N]) {
   if constexpr (N == 1) {
@@ -74,6 +80,23 @@ __device__ __forceinline__ void store_from_float(T* __restrict__ p, const float 
     for (int i = 0; i < N; ++i) v.v[i] = static_cast<T>(in[i]);
     *reinterpret_cast<AlignedVec<T, N>*>(p) = v;
   }
+}
+
+// ---- the fused epilogue's ReLU (ops.py) ---------------------------------------------------------
+// Forward: torch.relu, NaN kept (max(v, 0) would turn it into 0).
+__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
+
+// Backward: dy through the ReLU, recovered from its output y, as torch.where(y > 0, dy, 0): a
+// select, not dy * (y > 0), so an inf or NaN dy where the ReLU was off still gives 0.
+__device__ __forceinline__ float relu_masked(float dy, float y) { return y > 0.f ? dy : 0.f; }
+
+// dy[0 .. N) masked in place by the N values of y as stored (load_vec). The reductions issue the
+// relu_output load before dy's and convert it last, so that its latency overlaps dy's (a load
+// converted at once stalls before the next one is issued).
+template <typename T, int N>
+__device__ __forceinline__ void mask_by_relu_output(const AlignedVec<T, N>& y, float (&dy)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) dy[i] = relu_masked(dy[i], static_cast<float>(y.v[i]));
 }
 
 // ---- per-channel tensors whose dtype is only known at run time --------------------------------
@@ -139,6 +162,7 @@ __device__ __forceinline__ void chan_merge(float& mean, float& m2, float& n, flo
 struct WelfordOp {
   static constexpr int kF = 3;
   static constexpr bool kNeedsDy = false;
+  static constexpr bool kMasksDy = false;
 
   __device__ __forceinline__ static void combine(float* a, const float* b) {
     chan_merge(a[0], a[1], a[2], b[0], b[1], b[2]);
@@ -177,10 +201,12 @@ struct WelfordOp {
 };
 
 // Backward sums: fields sum(dy), sum(dy * (x - mean)). Masked-out values are loaded as zeros and
-// contribute nothing.
-struct GradSumOp {
+// contribute nothing. MASKS_DY: dy is read through the fused epilogue's ReLU (reduce_common.cuh).
+template <bool MASKS_DY>
+struct GradSumOpT {
   static constexpr int kF = 2;
   static constexpr bool kNeedsDy = true;
+  static constexpr bool kMasksDy = MASKS_DY;
 
   __device__ __forceinline__ static void combine(float* a, const float* b) {
     a[0] += b[0];
@@ -202,6 +228,9 @@ struct GradSumOp {
     }
   }
 };
+
+using GradSumOp = GradSumOpT<false>;
+using ReluGradSumOp = GradSumOpT<true>;
 
 // Merges of the sources of a (P, 3, C) stack (kStackRows), fields (count, mean, M2) ...
 struct StatsMergeOp {

@@ -93,6 +93,22 @@ struct ElementwiseCoefs {
   const float* p2 = nullptr;
 };
 
+// The tensors of one element-wise pass (null: absent), every one in the kernel input's dtype and
+// layout, so that they share its element order (elementwise.cu):
+//   out = (in0 - k0[c]) * p0[c] + ((in1 - k1[c]) * p1[c] + p2[c])        (ElementwiseCoefs)
+// and the fused epilogue of dbn_kernels/ops.py: forward, out = relu?(out + residual?);
+// backward, in0 (dy) is read as in0 where relu_output > 0, else 0, and written as read to
+// grad_residual. Without out (no input gradient) the pass writes grad_residual alone.
+struct ElementwiseTensors {
+  const at::Tensor* in0 = nullptr;
+  const at::Tensor* in1 = nullptr;
+  at::Tensor* out = nullptr;
+  const at::Tensor* residual = nullptr;  // never with in1 (the kernel holds them in one place)
+  bool relu = false;
+  const at::Tensor* relu_output = nullptr;
+  at::Tensor* grad_residual = nullptr;
+};
+
 // The element-wise pass's launch plan; the channel c of each element comes from the geometry.
 // Accesses are `width` elements (1, 2, 4 or 8; at most 16 bytes, every data pointer aligned to
 // width * sizeof(T)):
@@ -175,16 +191,21 @@ struct FinalizeBackwardArgs {
 };
 
 // Resident CTAs per SM of the reduction kernels (occupancy on the current device, cached), for
-// the layout and, NCS, the load width (ReducePlan::width).
+// the layout and, NCS, the load width (ReducePlan::width); the backward's with or without
+// relu_output (separate kernels).
 int collect_stats_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width);
-int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width);
+int backward_reduce_blocks_per_sm(at::ScalarType dtype, bool channels_last, int width,
+                                  bool relu_output);
 
 // Launchers (each launch is checked with C10_CUDA_KERNEL_LAUNCH_CHECK, see DBN_LAUNCH). Partials
 // are (plan.splits, 3, C) stacks. collect_stats increments *counter (when not null) once: it is
 // the first launch of a step, and finalize, the next, reads the incremented k.
 void launch_collect_stats(const at::Tensor& x, const ReducePlan& plan, float* part,
                           int64_t* counter, cudaStream_t stream);
-void launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const float* mean,
+// relu_output (may be null, else in x's dtype and layout): dy is read as dy where
+// relu_output > 0, else 0 (the fused epilogue's ReLU); plan it with Reduction::kReluSums.
+void launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
+                            const at::Tensor* relu_output, const float* mean,
                             const ReducePlan& plan, float* part, cudaStream_t stream);
 // Merge a (sources, 3, C) stack into one source (3, C): Chan's formula for statistics, sums for
 // sums; the same fixed order as finalize, so finalize of the merged source equals finalize of
@@ -196,7 +217,7 @@ void launch_merge_sums(const float* stack, int64_t sources, int64_t C, float* ou
 void launch_finalize(const FinalizeArgs& args, cudaStream_t stream);
 void launch_eval_prepare(const EvalPrepareArgs& args, cudaStream_t stream);
 void launch_finalize_backward(const FinalizeBackwardArgs& args, cudaStream_t stream);
-void launch_elementwise(const ElementwisePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
-                        at::Tensor& out, const ElementwiseCoefs& coefs, cudaStream_t stream);
+void launch_elementwise(const ElementwisePlan& plan, const ElementwiseTensors& tensors,
+                        const ElementwiseCoefs& coefs, cudaStream_t stream);
 
 }  // namespace dbn

@@ -13,6 +13,21 @@
 //     per element.
 // 32-bit indexing with multiply-shift division when numel < 2^31, 64-bit otherwise (widths
 // 16 / sizeof(T) and 1 only, to keep the number of instantiations small).
+//
+// The fused epilogue (dbn_kernels/ops.py) rides on the same pass, element for element:
+//   forward:  y = relu?((x - center) * scale + shift + residual?)
+//   backward: dy is read as torch.where(relu_output > 0, dy, 0), and with residual_grad that masked
+//             dy is written as grad_residual beside dx (or alone: without input gradient there is
+//             no dx, out is null and no coefficient is read).
+// Its switches are uniform runtime flags (null pointers and a bool in the arguments), not
+// template parameters: four independent switches as template flags would multiply the ~10
+// instantiations per dtype by up to 16, and the branches on them are warp-uniform (a few
+// instructions per vector, never divergence). Register use stays within today's two input
+// streams: the residual arrives in the second input's registers (in1 is the backward's x, the
+// residual the forward's: they never come together), and relu_output is consumed as it arrives,
+// leaving only the masked dy live. Every stream uses the plan's width (16-byte vectors when the
+// alignment of all of them allows it; the launchers copy a residual or relu_output in another
+// memory format into x's, so they share its element order).
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -31,8 +46,13 @@ constexpr int unroll_for() { return U == VecWidth<T>::value ? 2 : 4; }
 struct ElementwiseArgs {
   const void* in0;
   const void* in1;  // may be null
-  void* out;
+  void* out;        // null: only grad_residual is written (and no coefficient read)
   ElementwiseCoefs k;  // null coefficient pointers read as 0
+  // The epilogue (file comment); the pointers may be null.
+  const void* residual;     // added before the ReLU; never with in1
+  bool relu;
+  const void* relu_output;  // in0 read as in0 where relu_output > 0, else 0
+  void* grad_residual;      // that masked in0, written as read
 };
 
 // Row q = i / inner of element i and its channel q % C.
@@ -100,11 +120,16 @@ __device__ __forceinline__ void elementwise_loop(const ElementwiseArgs& a,
   const T* __restrict__ in0 = static_cast<const T*>(a.in0);
   const T* __restrict__ in1 = static_cast<const T*>(a.in1);
   T* __restrict__ out = static_cast<T*>(a.out);
+  const T* __restrict__ relu_output = static_cast<const T*>(a.relu_output);
+  T* __restrict__ grad_residual = static_cast<T*>(a.grad_residual);
   const I units = static_cast<I>(p.g.numel) / U;
   constexpr int kUnroll = unroll_for<T, U>();
   const I step = static_cast<I>(gridDim.x) * kThreads * kUnroll;
   const ElementwiseCoefs& k = a.k;
   const bool has_in1 = in1 != nullptr;
+  const bool has_residual = a.residual != nullptr;
+  // The second stream, held in v1: in1 or the residual (never both).
+  const T* __restrict__ second = has_in1 ? in1 : static_cast<const T*>(a.residual);
   for (I base = static_cast<I>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < units;
        base += step) {
     float v0[kUnroll][U], v1[kUnroll][U];
@@ -113,7 +138,13 @@ __device__ __forceinline__ void elementwise_loop(const ElementwiseArgs& a,
       const I u = base + static_cast<I>(r) * kThreads;
       if (u < units) {
         load_as_float<T, U>(in0 + u * U, v0[r]);
-        if (has_in1) load_as_float<T, U>(in1 + u * U, v1[r]);
+        if (second != nullptr) load_as_float<T, U>(second + u * U, v1[r]);
+        // Loaded last and used at once: issued before in0 and converted after it (as the
+        // reductions do), it would hold its registers across in0's conversion, which took the
+        // plain float32 NCS pass from 40 to 48 registers (6 -> 5 CTAs per SM).
+        if (relu_output != nullptr) {
+          mask_by_relu_output<T, U>(load_vec<T, U>(relu_output + u * U), v0[r]);
+        }
       }
     }
 #pragma unroll
@@ -121,6 +152,8 @@ __device__ __forceinline__ void elementwise_loop(const ElementwiseArgs& a,
       const I u = base + static_cast<I>(r) * kThreads;
       if (u >= units) continue;
       const I i = u * U;
+      if (grad_residual != nullptr) store_from_float<T, U>(grad_residual + i, v0[r]);
+      if (out == nullptr) continue;
       float o[U];
       if constexpr (ACROSS) {
         // Channels c0 .. c0 + U - 1 (C is a multiple of U, so no wrap-around).
@@ -162,6 +195,14 @@ __device__ __forceinline__ void elementwise_loop(const ElementwiseArgs& a,
           }
         }
       }
+      if (has_residual) {
+#pragma unroll
+        for (int e = 0; e < U; ++e) o[e] += v1[r][e];
+      }
+      if (a.relu) {
+#pragma unroll
+        for (int e = 0; e < U; ++e) o[e] = relu(o[e]);
+      }
       store_from_float<T, U>(out + i, o);
     }
   }
@@ -176,11 +217,19 @@ __device__ __forceinline__ void elementwise_tail(const ElementwiseArgs& a,
   const I i = start + static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= static_cast<I>(p.g.numel)) return;
   const bool has_in1 = a.in1 != nullptr;
+  float v0 = static_cast<float>(static_cast<const T*>(a.in0)[i]);
+  if (a.relu_output != nullptr) {
+    v0 = relu_masked(v0, static_cast<float>(static_cast<const T*>(a.relu_output)[i]));
+  }
+  if (a.grad_residual != nullptr) static_cast<T*>(a.grad_residual)[i] = static_cast<T>(v0);
+  if (a.out == nullptr) return;
   I q;
   const Coef cf = coef_at(a.k, channel_of(i, p, q), has_in1);
-  const float v0 = static_cast<float>(static_cast<const T*>(a.in0)[i]);
   const float v1 = has_in1 ? static_cast<float>(static_cast<const T*>(a.in1)[i]) : 0.f;
-  static_cast<T*>(a.out)[i] = static_cast<T>(apply_coef(v0, v1, cf, has_in1));
+  float o = apply_coef(v0, v1, cf, has_in1);
+  if (a.residual != nullptr) o += static_cast<float>(static_cast<const T*>(a.residual)[i]);
+  if (a.relu) o = relu(o);
+  static_cast<T*>(a.out)[i] = static_cast<T>(o);
 }
 
 template <typename T, typename I, int U, bool ACROSS>
@@ -205,9 +254,19 @@ elementwise_kernel_b3(ElementwiseArgs a, ElementwisePlan p) {
   elementwise_body<T, I, U, ACROSS>(a, p);
 }
 
+// 4-element 16-bit vectors across channels: the epilogue's flags took them from 64 to 68
+// registers (4 -> 3 CTAs per SM); bounded to 4 CTAs per SM they fit in 64 again without spilling.
+template <typename T, typename I, int U, bool ACROSS>
+__global__ void __launch_bounds__(kThreads, 4)
+elementwise_kernel_b4(ElementwiseArgs a, ElementwisePlan p) {
+  elementwise_body<T, I, U, ACROSS>(a, p);
+}
+
 template <typename T, typename I, int U, bool ACROSS>
 constexpr auto elementwise_kernel_for() {
-  if constexpr (ACROSS && U == 8) {
+  if constexpr (ACROSS && U == 4 && sizeof(T) == 2) {
+    return elementwise_kernel_b4<T, I, U, ACROSS>;
+  } else if constexpr (ACROSS && U == 8) {
     return elementwise_kernel_b3<T, I, U, ACROSS>;
   } else {
     return elementwise_kernel<T, I, U, ACROSS>;
@@ -283,12 +342,16 @@ void launch_indexed(const ElementwisePlan& plan, const ElementwiseArgs& a, cudaS
 
 }  // namespace
 
-void launch_elementwise(const ElementwisePlan& plan, const at::Tensor& in0, const at::Tensor* in1,
-                        at::Tensor& out, const ElementwiseCoefs& coefs, cudaStream_t stream) {
-  DBN_DISPATCH_FLOAT_TYPES(in0.scalar_type(), "dbn elementwise", [&] {
-    const ElementwiseArgs a{in0.const_data_ptr(),
-                            in1 != nullptr ? in1->const_data_ptr() : nullptr, out.data_ptr(),
-                            coefs};
+void launch_elementwise(const ElementwisePlan& plan, const ElementwiseTensors& t,
+                        const ElementwiseCoefs& coefs, cudaStream_t stream) {
+  // The kernel holds in1 and the residual in the same registers.
+  TORCH_INTERNAL_ASSERT(t.in1 == nullptr || t.residual == nullptr);
+  TORCH_INTERNAL_ASSERT(t.out != nullptr || t.grad_residual != nullptr);
+  const auto in = [](const at::Tensor* p) { return p != nullptr ? p->const_data_ptr() : nullptr; };
+  const auto out = [](at::Tensor* p) { return p != nullptr ? p->data_ptr() : nullptr; };
+  DBN_DISPATCH_FLOAT_TYPES(t.in0->scalar_type(), "dbn elementwise", [&] {
+    const ElementwiseArgs a{in(t.in0), in(t.in1), out(t.out), coefs, in(t.residual), t.relu,
+                            in(t.relu_output), out(t.grad_residual)};
     if (plan.wide_index) {
       launch_indexed<scalar_t, uint64_t>(plan, a, stream);
     } else {

@@ -28,7 +28,14 @@ using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
+using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The fused epilogue (ops.py): the forward ops compute y = relu?(normalized + residual?) in float32
+// and round once; the backward ops read dy where relu_output (the forward's y) > 0, else 0, and
+// with residual_grad (and relu_output) write that masked dy as grad_residual in the same
+// element-wise pass as grad_x, else return it (0,)-empty. residual and relu_output have x's shape
+// and dtype, in any memory format.
 
 // ---- passes (ops_forward.cpp, ops_backward.cpp) -------------------------------------------------
 Tensor batch_stats(const Tensor& x, const OptTensor& num_batches_tracked);
@@ -38,13 +45,16 @@ Tensors6 finalize(const Tensor& stats, const OptTensor& weight, const OptTensor&
                   const OptTensor& dbn_mean, const OptTensor& dbn_std,
                   const OptTensor& num_batches_tracked, std::optional<double> momentum,
                   double eps, double alpha_scale, double alpha_power, double alpha_offset);
-Tensor normalize(const Tensor& x, const Tensor& coef);
-Tensor backward_reduce(const Tensor& grad_y, const Tensor& x, const Tensor& mean);
+Tensor normalize(const Tensor& x, const Tensor& coef, const OptTensor& residual, bool relu);
+Tensor backward_reduce(const Tensor& grad_y, const Tensor& x, const Tensor& mean,
+                       const OptTensor& relu_output);
 // -> (grad_weight, grad_bias, coef)
 Tensors3 backward_finalize(const Tensor& sums, const OptTensor& weight, const Tensor& invstd,
                            const Tensor& batch_mean, const Tensor& batch_invstd,
                            const Tensor& alpha, bool grad_through_stats, bool input_grad);
-Tensor backward_dx(const Tensor& grad_y, const Tensor& x, const Tensor& coef);
+// -> (grad_x, grad_residual); grad_x is (0,)-empty for (0, C) coefficients (no input gradient)
+Tensors2 backward_dx(const Tensor& grad_y, const Tensor& x, const Tensor& coef,
+                     const OptTensor& relu_output, bool residual_grad);
 
 // ---- fused single-device compositions -----------------------------------------------------------
 // -> (y, mean, invstd, batch_mean, batch_invstd, alpha)
@@ -52,15 +62,17 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
                        const OptTensor& running_mean, const OptTensor& running_var,
                        const OptTensor& dbn_mean, const OptTensor& dbn_std,
                        const OptTensor& num_batches_tracked, std::optional<double> momentum,
-                       double eps, double alpha_scale, double alpha_power, double alpha_offset);
+                       double eps, double alpha_scale, double alpha_power, double alpha_offset,
+                       const OptTensor& residual, bool relu);
 // -> (y, invstd)
 Tensors2 eval_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                      const Tensor& mean, const Tensor& spread, double eps, bool spread_is_std);
-// -> (grad_x, grad_weight, grad_bias)
-Tensors3 backward(const Tensor& grad_y, const Tensor& x, const OptTensor& weight,
+                      const Tensor& mean, const Tensor& spread, double eps, bool spread_is_std,
+                      const OptTensor& residual, bool relu);
+// -> (grad_x, grad_weight, grad_bias, grad_residual)
+Tensors4 backward(const Tensor& grad_y, const Tensor& x, const OptTensor& weight,
                   const Tensor& mean, const Tensor& invstd, const Tensor& batch_mean,
                   const Tensor& batch_invstd, const Tensor& alpha, bool grad_through_stats,
-                  bool input_grad);
+                  bool input_grad, const OptTensor& relu_output, bool residual_grad);
 
 // The reference backend's op `qualname` (dbn::reference_<entry>, defined when dbn_kernels is
 // imported), called with the arguments of the op of type Fn. Looked up per call: only float64

@@ -2,7 +2,8 @@
 // train_forward (collect_stats -> finalize over the split partials -> normalize: 3 launches) and
 // eval_forward (eval_prepare -> normalize: 2 launches). The passes and the fused ops share the
 // launch helpers below; the fused ones keep the split partials and the coefficients in one
-// workspace that never leaves the op.
+// workspace that never leaves the op. The fused epilogue (residual, relu) is normalize's: the
+// residual is read by the same element-wise pass, in x's memory order.
 #include <limits>
 
 #include <ATen/ATen.h>
@@ -67,13 +68,19 @@ SavedTensors run_finalize(const float* stats, int64_t sources, int64_t C, const 
   return saved;
 }
 
-// y = (x - center) * scale + shift with the (3, C) coefficients at `coef`.
-Tensor run_normalize(const Tensor& x, const Input& in, const float* coef) {
+// y = relu?((x - center) * scale + shift + residual?) with the (3, C) coefficients at `coef`.
+Tensor run_normalize(const Tensor& x, const Input& in, const float* coef,
+                     const OptTensor& residual, bool relu) {
   Output y = output_like(x, in);
+  const Tensor res = match_layout_or_undefined(residual, in);
+  ElementwiseTensors t;
+  t.in0 = &in.t;
+  t.out = &y.target;
+  t.residual = res.defined() ? &res : nullptr;
+  t.relu = relu;
   const ElementwiseCoefs coefs = normalize_coefs(coef, in.g.C);
-  const ElementwisePlan plan =
-      plan_elementwise(in, std::min(alignment(in.t), alignment(y.target)), coefs);
-  launch_elementwise(plan, in.t, nullptr, y.target, coefs, in.stream);
+  const ElementwisePlan plan = plan_elementwise(in, alignment(t), coefs);
+  launch_elementwise(plan, t, coefs, in.stream);
   return y.finish();
 }
 
@@ -125,16 +132,18 @@ Tensors6 finalize(const Tensor& stats, const OptTensor& weight, const OptTensor&
   return {s.mean, s.invstd, s.batch_mean, s.batch_invstd, s.alpha, coef};
 }
 
-Tensor normalize(const Tensor& x, const Tensor& coef) {
+Tensor normalize(const Tensor& x, const Tensor& coef, const OptTensor& residual, bool relu) {
   const OpCheck check = OpCheck::input(DBN_OP_NAME("normalize"), x);
   check.coef(coef, {3});
+  check.epilogue_input("residual", residual, x);
   if (x.scalar_type() == at::kDouble) {
-    return call_reference<decltype(normalize)>("dbn::reference_normalize", x, coef);
+    return call_reference<decltype(normalize)>("dbn::reference_normalize", x, coef, residual,
+                                               relu);
   }
   const DeviceGuard guard(x);
   if (x.numel() == 0) return at::empty_like(x, at::MemoryFormat::Preserve);
   const Tensor k = coef.contiguous();
-  return run_normalize(x, kernel_input(x), k.const_data_ptr<float>());
+  return run_normalize(x, kernel_input(x), k.const_data_ptr<float>(), residual, relu);
 }
 
 // ---- fused ------------------------------------------------------------------------------------
@@ -143,11 +152,13 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
                        const OptTensor& running_mean, const OptTensor& running_var,
                        const OptTensor& dbn_mean, const OptTensor& dbn_std,
                        const OptTensor& num_batches_tracked, std::optional<double> momentum,
-                       double eps, double alpha_scale, double alpha_power, double alpha_offset) {
+                       double eps, double alpha_scale, double alpha_power, double alpha_offset,
+                       const OptTensor& residual, bool relu) {
   const StepArgs step{weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                       num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset};
   const OpCheck check = OpCheck::input(DBN_OP_NAME("train_forward"), x);
   check.step(step);
+  check.epilogue_input("residual", residual, x);
   const int64_t C = check.channels();
   const int64_t M = C > 0 ? x.numel() / C : 0;
   TORCH_CHECK(x.numel() == 0 || !running_var.has_value() || M > 1,
@@ -156,7 +167,8 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
   if (x.scalar_type() == at::kDouble) {
     return call_reference<decltype(train_forward)>(
         "dbn::reference_train_forward", x, weight, bias, running_mean, running_var, dbn_mean,
-        dbn_std, num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset);
+        dbn_std, num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+        residual, relu);
   }
   const DeviceGuard guard(x);
   const auto fopts = float_options(x);
@@ -172,20 +184,23 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
   const StackWorkspace ws = collect_stats(in, counter_ptr(num_batches_tracked), kStackRows * C);
   float* coef = ws.extra;
   SavedTensors s = run_finalize(ws.stack, ws.sources, C, step, coef, fopts, in.stream);
-  Tensor y = run_normalize(x, in, coef);
+  Tensor y = run_normalize(x, in, coef, residual, relu);
   return {y, s.mean, s.invstd, s.batch_mean, s.batch_invstd, s.alpha};
 }
 
 Tensors2 eval_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                      const Tensor& mean, const Tensor& spread, double eps, bool spread_is_std) {
+                      const Tensor& mean, const Tensor& spread, double eps, bool spread_is_std,
+                      const OptTensor& residual, bool relu) {
   const OpCheck check = OpCheck::input(DBN_OP_NAME("eval_forward"), x);
   check.per_channel("weight", weight);
   check.per_channel("bias", bias);
   check.per_channel("mean", mean);
   check.per_channel("spread", spread);
+  check.epilogue_input("residual", residual, x);
   if (x.scalar_type() == at::kDouble) {
     return call_reference<decltype(eval_forward)>("dbn::reference_eval_forward", x, weight, bias,
-                                                  mean, spread, eps, spread_is_std);
+                                                  mean, spread, eps, spread_is_std, residual,
+                                                  relu);
   }
   const DeviceGuard guard(x);
   const int64_t C = check.channels();
@@ -200,7 +215,7 @@ Tensors2 eval_forward(const Tensor& x, const OptTensor& weight, const OptTensor&
                              spread_is_std, invstd.data_ptr<float>(), coef.data_ptr<float>()};
   launch_eval_prepare(args, in.stream);
   if (x.numel() == 0) return {at::empty_like(x, at::MemoryFormat::Preserve), invstd};
-  return {run_normalize(x, in, coef.const_data_ptr<float>()), invstd};
+  return {run_normalize(x, in, coef.const_data_ptr<float>(), residual, relu), invstd};
 }
 
 }  // namespace dbn

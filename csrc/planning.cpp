@@ -193,6 +193,10 @@ Tensor match_layout(const Tensor& t, const Input& in) {
   return out;
 }
 
+Tensor match_layout_or_undefined(const OptTensor& t, const Input& in) {
+  return t.has_value() ? match_layout(*t, in) : Tensor();
+}
+
 Output output_like(const Tensor& x, const Input& in) {
   Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
   if (is_layout(out, in.g.channels_last)) return {out, out};
@@ -211,6 +215,15 @@ int64_t alignment(const void* p) {
   return align;
 }
 
+int64_t alignment(const ElementwiseTensors& t) {
+  int64_t align = 16;
+  for (const Tensor* p : {t.in0, t.in1, static_cast<const Tensor*>(t.out), t.residual,
+                          t.relu_output, static_cast<const Tensor*>(t.grad_residual)}) {
+    if (p != nullptr) align = std::min(align, alignment(*p));
+  }
+  return align;
+}
+
 ReducePlan plan_reduce(const Input& in, Reduction kind, int64_t align) {
   ReducePlan p;
   p.g = in.g;
@@ -220,7 +233,8 @@ ReducePlan plan_reduce(const Input& in, Reduction kind, int64_t align) {
   const int blocks_per_sm =
       kind == Reduction::kStats
           ? collect_stats_blocks_per_sm(dtype, in.g.channels_last, p.width)
-          : backward_reduce_blocks_per_sm(dtype, in.g.channels_last, p.width);
+          : backward_reduce_blocks_per_sm(dtype, in.g.channels_last, p.width,
+                                          kind == Reduction::kReluSums);
   const int64_t target = static_cast<int64_t>(in.sms) * blocks_per_sm;
   if (in.g.channels_last) {
     plan_nsc(p, target, esize);
@@ -283,6 +297,7 @@ ElementwiseCoefs normalize_coefs(const float* coef, int64_t C) {
 
 ElementwiseCoefs dx_coefs(const float* coef, int64_t rows, int64_t C) {
   ElementwiseCoefs k;
+  if (rows == 0) return k;  // no input gradient: the pass writes only grad_residual
   k.p0 = coef;  // A
   if (rows == 4) {
     k.k1 = coef + C;

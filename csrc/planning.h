@@ -42,6 +42,8 @@ Input kernel_input(const Tensor& x);
 
 // t (dy) in the memory layout and dtype of the kernel input.
 Tensor match_layout(const Tensor& t, const Input& in);
+// The same for an optional tensor (the epilogue's residual or relu_output); undefined when absent.
+Tensor match_layout_or_undefined(const OptTensor& t, const Input& in);
 
 // An element-wise pass's output: `result` has x's shape, dtype and memory format (what the fake
 // returns); the kernel writes `target`, which is result itself when its layout is the kernel's,
@@ -55,11 +57,14 @@ Output output_like(const Tensor& x, const Input& in);
 // The largest power of two, at most 16, that divides the address (16 for null).
 int64_t alignment(const void* p);
 inline int64_t alignment(const Tensor& t) { return alignment(t.const_data_ptr()); }
+// The alignment common to every tensor of an element-wise pass.
+int64_t alignment(const ElementwiseTensors& t);
 
-enum class Reduction { kStats, kSums };
+// kReluSums: the sums with dy masked by the fused ReLU's output (kernels of their own).
+enum class Reduction { kStats, kSums, kReluSums };
 
-// The split grid of a reduction over the kernel input (and dy for kSums), whose data pointers
-// have `align` bytes of alignment in common: one full wave of resident CTAs.
+// The split grid of a reduction over the kernel input (and dy, relu_output for the sums), whose
+// data pointers have `align` bytes of alignment in common: one full wave of resident CTAs.
 ReducePlan plan_reduce(const Input& in, Reduction kind, int64_t align);
 
 // The element-wise pass over the kernel input; align: the alignment common to its inputs and
@@ -78,7 +83,7 @@ StackWorkspace stack_workspace(const Input& in, const ReducePlan& plan, int64_t 
 
 // Rows of a contiguous (rows, C) float32 coefficient tensor as the element-wise pass reads them.
 ElementwiseCoefs normalize_coefs(const float* coef, int64_t C);  // (center, scale, shift)
-ElementwiseCoefs dx_coefs(const float* coef, int64_t rows, int64_t C);  // (A[, center, B, shift])
+ElementwiseCoefs dx_coefs(const float* coef, int64_t rows, int64_t C);  // ([A[, center, B, shift]])
 
 // A per-channel tensor as a kernel argument (absent when undefined).
 Param param(const Tensor& t);

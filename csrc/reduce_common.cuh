@@ -2,6 +2,14 @@
 // backward sums (GradSumOp). Each CTA reduces one (channel or channel tile) x (M split) block to
 // one partial per channel, entry `split` of a (splits, 3, C) stack (kStackRows): the finalize
 // kernels merge the partials of a channel in split order. No atomics: bitwise reproducible.
+//
+// The backward reads dy through the fused epilogue's ReLU with ReluGradSumOp: dy where
+// relu_output (the forward's y, in x's dtype and layout) > 0, else 0, applied as each dy vector
+// arrives. Its own accumulator type, hence its own kernels, rather than a runtime flag: with a
+// flag the plain NCS kernels took ~60 registers at every width > 1 (41-56 without), an occupancy
+// step lower (float32 6 -> 4, 16-bit 5 -> 4 CTAs per SM on sm_90). As template instances the
+// plain kernels are unchanged and the masked ones take 47-57; each has its own occupancy, which
+// the planner queries like the others (Reduction::kReluSums).
 #pragma once
 
 #include <algorithm>
@@ -40,7 +48,8 @@ __device__ __forceinline__ void count_step(int64_t* counter) {
 // one multiply-shift division.
 template <typename T, class Op, int U, int B>
 __device__ __forceinline__ void ncs_accumulate(const T* __restrict__ x, const T* __restrict__ dy,
-                                               int64_t base, int64_t row_stride, uint32_t total,
+                                               const T* __restrict__ relu_output, int64_t base,
+                                               int64_t row_stride, uint32_t total,
                                                const FastDiv& units_div, uint32_t units_valid,
                                                float (&st)[Op::kF][1],
                                                const float (&center)[1]) {
@@ -60,9 +69,12 @@ __device__ __forceinline__ void ncs_accumulate(const T* __restrict__ x, const T*
       if (valid) {
         const int64_t off = base + static_cast<int64_t>(row) * row_stride +
                             static_cast<int64_t>(col) * U;
+        AlignedVec<T, U> ys;
+        if constexpr (Op::kMasksDy) ys = load_vec<T, U>(relu_output + off);
         load_as_float<T, U>(x + off, xs);
         if constexpr (Op::kNeedsDy) {
           load_as_float<T, U>(dy + off, gs);
+          if constexpr (Op::kMasksDy) mask_by_relu_output<T, U>(ys, gs);
         }
       } else {
 #pragma unroll
@@ -87,14 +99,16 @@ __device__ __forceinline__ void ncs_accumulate(const T* __restrict__ x, const T*
 // in flight per thread and input for every vector width, 8 for scalar loads.
 template <typename T, class Op, int U>
 __device__ __forceinline__ void ncs_run(const T* __restrict__ x, const T* __restrict__ dy,
-                                        int64_t base, int64_t row_stride, int64_t rows,
-                                        int64_t cols, const ReducePlan& p,
+                                        const T* __restrict__ relu_output, int64_t base,
+                                        int64_t row_stride, int64_t rows, int64_t cols,
+                                        const ReducePlan& p,
                                         float (&st)[Op::kF][1], const float (&center)[1]) {
   constexpr int B = U == 1 ? 8 : 16 / U;
   const uint32_t per_row = static_cast<uint32_t>(p.chunk / U);
   const uint32_t total = static_cast<uint32_t>(rows) * per_row;
   const uint32_t valid = static_cast<uint32_t>(cols / U);
-  ncs_accumulate<T, Op, U, B>(x, dy, base, row_stride, total, p.units_div, valid, st, center);
+  ncs_accumulate<T, Op, U, B>(x, dy, relu_output, base, row_stride, total, p.units_div, valid,
+                              st, center);
 }
 
 // One kernel per load width U (= p.width), so each gets its own register allocation (the
@@ -102,8 +116,8 @@ __device__ __forceinline__ void ncs_run(const T* __restrict__ x, const T* __rest
 template <typename T, class Op, int U>
 __global__ void __launch_bounds__(kThreads)
 reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                  const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part,
-                  int64_t* counter) {
+                  const T* __restrict__ relu_output, const float* __restrict__ center_ptr,
+                  ReducePlan p, float* __restrict__ part, int64_t* counter) {
   count_step(counter);
   const int64_t C = p.g.C, S = p.g.S, N = p.g.N;
   const int64_t c = blockIdx.x;
@@ -122,7 +136,7 @@ reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy,
   for (int f = 0; f < Op::kF; ++f) st[f][0] = 0.f;
 
   // The plan guarantees (n1 - n0) * units per chunk < 2^31.
-  ncs_run<T, Op, U>(x, dy, base, row_stride, n1 - n0, s1 - s0, p, st, center);
+  ncs_run<T, Op, U>(x, dy, relu_output, base, row_stride, n1 - n0, s1 - s0, p, st, center);
 
   float acc[Op::kF];
 #pragma unroll
@@ -150,11 +164,14 @@ constexpr int nsc_min_blocks() {
 template <typename T, class Op>
 __global__ void __launch_bounds__(kThreads, (nsc_min_blocks<T, Op>()))
 reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                  const float* __restrict__ center_ptr, ReducePlan p, float* __restrict__ part,
-                  int64_t* counter) {
+                  const T* __restrict__ relu_output, const float* __restrict__ center_ptr,
+                  ReducePlan p, float* __restrict__ part, int64_t* counter) {
   count_step(counter);
   constexpr int G = VecWidth<T>::value;
-  constexpr int R = 4;
+  // Rows per batch. The masked 16-bit backward reads three streams in the plain one's 126
+  // registers: 4 rows spill (8-16 bytes on sm_90), 3 still do, 2 take 113 registers and keep 96
+  // bytes per thread in flight (the plain kernel 128).
+  constexpr int R = Op::kMasksDy && sizeof(T) == 2 ? 2 : 4;
   constexpr int kF = Op::kF;
   const int64_t C = p.g.C;
   const bool vec = p.width == G;
@@ -189,14 +206,24 @@ reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy,
         ok[i] = rr < r1;
         const int64_t off = rr * C + c0;
         if (ok[i] && vec) {
+          AlignedVec<T, G> ys;
+          if constexpr (Op::kMasksDy) ys = load_vec<T, G>(relu_output + off);
           load_as_float<T, G>(x + off, xv[i]);
-          if constexpr (Op::kNeedsDy) load_as_float<T, G>(dy + off, gv[i]);
+          if constexpr (Op::kNeedsDy) {
+            load_as_float<T, G>(dy + off, gv[i]);
+            if constexpr (Op::kMasksDy) mask_by_relu_output<T, G>(ys, gv[i]);
+          }
         } else {
 #pragma unroll
           for (int k = 0; k < G; ++k) {
             const bool in = ok[i] && c0 + k < C;
             xv[i][k] = in ? static_cast<float>(x[off + k]) : 0.f;
-            if constexpr (Op::kNeedsDy) gv[i][k] = in ? static_cast<float>(dy[off + k]) : 0.f;
+            if constexpr (Op::kNeedsDy) {
+              gv[i][k] = in ? static_cast<float>(dy[off + k]) : 0.f;
+              if (Op::kMasksDy && in) {
+                gv[i][k] = relu_masked(gv[i][k], static_cast<float>(relu_output[off + k]));
+              }
+            }
           }
         }
         if constexpr (!Op::kNeedsDy) {
@@ -311,18 +338,19 @@ int reduce_blocks_per_sm_for(at::ScalarType dtype, bool channels_last, int width
 }
 
 // Launch the reduction of plan p for input dtype T with accumulator Op.
+// dy with GradSumOp, dy and relu_output with ReluGradSumOp, neither with WelfordOp (null).
 template <typename T, class Op>
-void launch_reduce(const T* x, const T* dy, const float* center, const ReducePlan& p, float* part,
-                   int64_t* counter, cudaStream_t stream) {
+void launch_reduce(const T* x, const T* dy, const T* relu_output, const float* center,
+                   const ReducePlan& p, float* part, int64_t* counter, cudaStream_t stream) {
   if (p.g.channels_last) {
     const dim3 grid(p.grid_x, p.splits), block(p.tx, p.ty);
     const auto kernel = reduce_nsc_kernel<T, Op>;
-    DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part, counter);
+    DBN_LAUNCH(kernel, grid, block, stream, x, dy, relu_output, center, p, part, counter);
   } else {
     with_ncs_width<T>(p.width, [&](auto u) {
       const dim3 grid(p.grid_x, p.splits), block(kThreads);
       const auto kernel = reduce_ncs_kernel<T, Op, decltype(u)::value>;
-      DBN_LAUNCH(kernel, grid, block, stream, x, dy, center, p, part, counter);
+      DBN_LAUNCH(kernel, grid, block, stream, x, dy, relu_output, center, p, part, counter);
     });
   }
 }

@@ -28,7 +28,7 @@ import dbn_kernels as dbn
 from contract import (EPS, Backend, check_backward, check_step, make_state, make_x,
                       offset_copy, poisoned_allocations)
 from dbn_kernels import _extension
-from emulation import last_plan
+from emulation import last_plan, launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 F32_RTOL = 1e-5
@@ -126,7 +126,7 @@ def test_misaligned_coefficients(runner, offset, width):
         assert last_plan()[1:] == [8, 1]
         sums = runner.op("backward_reduce")(gy, x, out[1])
         coef = runner.op("backward_finalize")(sums[None], None, *out[2:], True, True)[2]
-        dx_pass = runner.op("backward_dx")(gy, x, offset_copy(coef, offset))
+        dx_pass, _ = runner.op("backward_dx")(gy, x, offset_copy(coef, offset))
         assert last_plan()[1:] == [width, int(width > 1)]
         assert torch.equal(dx_pass, dx)
 
@@ -153,6 +153,88 @@ def test_split_grids(runner, monkeypatch, sms):
         torch.testing.assert_close(merged[2], whole[3], rtol=1e-5, atol=1e-5)  # batch_mean
         torch.testing.assert_close(merged[3], whole[4], rtol=1e-5, atol=1e-5)  # batch_invstd
 
+
+
+# ---- the fused epilogue (residual, ReLU) ----------------------------------------------------------
+
+def _other_layout(t: torch.Tensor) -> torch.Tensor:
+    """t's values in the other memory format of a 4-D tensor."""
+    if t.is_contiguous():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("shape,layout,dtype", [
+    ((2, 1000, 2, 3), "channels_last", torch.bfloat16),
+    ((2, 3, 28, 28), "contiguous", torch.float16),
+    ((3, 12, 5, 7), "channels_last", torch.float32),
+    ((3, 5, 7, 7), "contiguous", torch.float32),
+], ids=str)
+def test_epilogue_widths_and_launches(runner, shape, layout, dtype):
+    """The epilogue's streams (residual; relu_output and grad_residual) take the plain pass's
+    access width and add no launch; a residual in the other memory format is read in x's (one
+    copy, as grad_y). The masked dy (grad_residual) exactly as the float64 reference's."""
+    if runner.name != "emu":
+        pytest.skip("plans and launch counts are the emulation's hooks")
+    dev = runner.device
+    x = make_x(shape, dtype, layout, dev)
+    gy = torch.randn_like(x)
+    res = torch.randn_like(x)
+    step = (None, None, None, None, None, None, None, 0.1, EPS, 1.0, 0.0, 0.0)
+
+    def run(op, *args):
+        before = launches()
+        out = runner.op(op)(*args)
+        return out, launches() - before, last_plan()
+
+    _, n_plain, plan = run("train_forward", x, *step)
+    fused, n_fused, plan_fused = run("train_forward", x, *step, res, True)
+    assert (n_fused, plan_fused) == (n_plain, plan)
+    y64 = torch.ops.dbn.reference_train_forward(x.double(), *step, res.double(), True)[0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused[0].double(), y64, rtol=tol, atol=tol)
+    _, n_other, plan_other = run("train_forward", x, *step, _other_layout(res), True)
+    assert plan_other == plan and n_other >= n_plain  # + the residual's copy (an ATen op on CPU)
+    y, saved = fused[0], fused[1:]
+    _, n_plain, plan = run("backward", gy, x, None, *saved, True, True)
+    grads, n_fused, plan_fused = run("backward", gy, x, None, *saved, True, True, y, True)
+    assert (n_fused, plan_fused) == (n_plain, plan)
+    grads64 = torch.ops.dbn.reference_backward(gy.double(), x.double(), None,
+                                               *[t.double() for t in saved], True, True,
+                                               y.double(), True)
+    assert torch.equal(grads[3].double(), grads64[3])  # the masked dy, exactly
+    assert grads[3].stride() == x.stride()
+    # Without input gradient the element-wise pass still runs, for grad_residual alone.
+    grads, n_res, _ = run("backward", gy, x, None, *saved, True, False, y, True)
+    assert grads[0].numel() == 0 and torch.equal(grads[3].double(), grads64[3])
+    _, n_none, _ = run("backward", gy, x, None, *saved, True, False, y, False)
+    assert n_res == n_none + 1
+
+
+def test_epilogue_validation(runner):
+    """residual and relu_output must match x exactly (shape, dtype, device), checked before
+    anything is written."""
+    dev = runner.device
+    x = make_x((4, 3, 5, 5), torch.float32, "contiguous", dev)
+    k = torch.tensor(7, device=dev)
+    step = (None, None, None, None, None, None, k, 0.1, EPS, 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        runner.op("train_forward")(x, *step, x[:, :, :4], False)
+    with pytest.raises(RuntimeError, match="residual has dtype"):
+        runner.op("train_forward")(x, *step, x.half(), False)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        runner.op("train_forward")(x[:0], *step, x, True)  # an empty batch counts a step
+    assert k.item() == 7
+    coef = torch.zeros(3, 3, device=dev)
+    with pytest.raises(RuntimeError, match="residual has dtype"):
+        runner.op("normalize")(x, coef, x.double(), True)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        runner.op("eval_forward")(x, None, None, coef[0], coef[1] + 1, EPS, True, x[:2], True)
+    mean = torch.zeros(3, device=dev)
+    with pytest.raises(RuntimeError, match="relu_output has dtype"):
+        runner.op("backward_reduce")(x, x, mean, x.half())
+    with pytest.raises(RuntimeError, match="relu_output has shape"):
+        runner.op("backward_dx")(x, x, coef[:1], x[:1], True)
 
 
 # ---- the op boundary ---------------------------------------------------------------------------
@@ -385,7 +467,7 @@ def test_64bit_indexing(cuda_ops):
             assert ((y[0, c, sl].float() - expect).abs() <= expect.abs() * 2 ** -7 + 2 ** -9).all()
     del y
     gy = torch.ones_like(x)
-    dx, gw, gb = torch.ops.dbn.cuda_backward(gy, x, None, *out[1:], True, True)
+    dx, gw, gb, _ = torch.ops.dbn.cuda_backward(gy, x, None, *out[1:], True, True)
     assert gb[1].item() == pytest.approx(float(S), rel=1e-5)
     # dy = 1: dx = invstd * (1 - 1 - xhat * sum(xhat)/M) ~ 0 everywhere, including the tail.
     assert dx[0, 1, -4096:].float().abs().max().item() < 1e-2

@@ -138,10 +138,11 @@ def test_fakes_registered(built):
         assert all(t.dtype == torch.float32 for t in saved)
         y2, invstd = torch.ops.dbn.cuda_eval_forward(x, None, None, stat, stat, 1e-5, True)
         assert y2.stride() == x.stride() and invstd.shape == (3,)
-        dx, gw, gb = torch.ops.dbn.cuda_backward(y, x, None, *saved, True, True)
+        dx, gw, gb, gres = torch.ops.dbn.cuda_backward(y, x, None, *saved, True, True)
         assert dx.stride() == x.stride() and gw.shape == gb.shape == (3,)
-        dx, _, _ = torch.ops.dbn.cuda_backward(y, x, None, *saved, True, False)
-        assert dx.numel() == 0
+        assert gres.shape == (0,)
+        dx, _, _, gres = torch.ops.dbn.cuda_backward(y, x, None, *saved, True, False, y, True)
+        assert dx.numel() == 0 and gres.stride() == x.stride() and gres.dtype == x.dtype
     # Meta tensors take the same path.
     xm = torch.empty(2, 4, 3, device="meta")
     out = torch.ops.dbn.cuda_train_forward(xm, None, None, None, None, None, None, None, 0.1,
@@ -289,12 +290,14 @@ def test_first_use_build_waits_for_a_live_build_within_a_bound(tmp_path):
 # ---- a stale extension: built from older sources -------------------------------------------------
 
 # Kernels as an extension built before a change of the contract registers them: `stale_*` has a
-# normalize kernel with an older signature (an extra argument), `partial_*` only its normalize.
+# normalize kernel with an older signature (without the fused epilogue's residual and relu),
+# `partial_*` only its normalize.
 STALE_SOURCE = r"""
 #include <torch/library.h>
 
-at::Tensor normalize_before(const at::Tensor& x, const at::Tensor& coef, double eps) { return x; }
-at::Tensor normalize(const at::Tensor& x, const at::Tensor& coef) { return x; }
+at::Tensor normalize_before(const at::Tensor& x, const at::Tensor& coef) { return x; }
+at::Tensor normalize(const at::Tensor& x, const at::Tensor& coef,
+                     const std::optional<at::Tensor>& residual, bool relu) { return x; }
 
 TORCH_LIBRARY_IMPL(dbn, CPU, m) {
   m.impl("stale_normalize", &normalize_before);
