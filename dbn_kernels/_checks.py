@@ -11,6 +11,32 @@ import math
 import torch
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_epilogue(x, residual, activation) -> bool:
+    """The fused epilogue's arguments; returns whether it ends in a ReLU. The residual is added
+    element by element in the kernels: it must match the input exactly (no broadcasting, no
+    promotion), in any memory format."""
+    check_activation(activation)
+    if residual is not None and isinstance(x, torch.Tensor):
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have the input's shape {tuple(x.shape)}, got "
+                             f"{tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise RuntimeError(f"residual has dtype {residual.dtype} but the input has "
+                               f"{x.dtype}; they must match")
+        if residual.device != x.device:
+            raise RuntimeError(f"residual is on {residual.device} but the input is on "
+                               f"{x.device}")
+    return activation == "relu"
 
 
 def check_rank(x: torch.Tensor, expected: tuple[int, ...], what: str) -> None:

@@ -28,7 +28,9 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-_NO_GRADS = (None,) * 13  # for the arguments after (x, weight, bias)
+# The arguments after the differentiable ones: (x, weight, bias, residual) of the Function and
+# (x, weight, bias) of its twin, which takes no epilogue (see ``TransformableFunction``).
+_NO_GRADS = (None,) * 13
 
 
 def transforms_active() -> bool:
@@ -40,39 +42,52 @@ def transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
-def _cast_param_grads(ctx, grad_x, grad_w, grad_b):
+def _cast_param_grads(ctx, grad_x, grad_w, grad_b, grad_residual):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    return (
+    grads = (
         grad_x if need_x else None,
         _as(grad_w, ctx.weight_dtype) if need_w else None,
         _as(grad_b, ctx.bias_dtype) if need_b else None,
-        *_NO_GRADS,
     )
+    if ctx.takes_epilogue:
+        return (*grads, grad_residual, *_NO_GRADS, None)  # ..., residual, ..., relu
+    return (*grads, *_NO_GRADS)
+
+
+def _residual_needs_grad(ctx) -> bool:
+    return ctx.takes_epilogue and ctx.needs_input_grad[3]
 
 
 def _backward(ctx, grad_y):
     """The backend's backward op (or the synchronised passes): the fast path."""
-    x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
+    x, weight, mean, invstd, batch_mean, batch_invstd, alpha, relu_output = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_residual = _residual_needs_grad(ctx)
     if ctx.group is not None:
-        grads = sync.backward(
+        *grads, grad_residual = sync.backward(
             grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-            ctx.grad_through_stats, need_x, need_w or need_b, ctx.backend, ctx.group)
+            ctx.grad_through_stats, need_x, need_w or need_b, ctx.backend, ctx.group,
+            relu_output, need_residual)
     else:
-        grads = op(ctx.backend, "backward")(
+        *grads, grad_residual = op(ctx.backend, "backward")(
             grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-            ctx.grad_through_stats, need_x)
-    return _cast_param_grads(ctx, *grads)
+            ctx.grad_through_stats, need_x, relu_output, need_residual)
+    if need_residual and relu_output is None:
+        grad_residual = grad_y  # y = n + residual: the residual's gradient is dy itself
+    return _cast_param_grads(ctx, *grads, grad_residual if need_residual else None)
 
 
 def _differentiable_backward(ctx, grad_y):
     """The same gradients in differentiable, batchable ops (``derivatives``): for a graph being
     created (double backward) and for ``torch.func`` transforms over the backward."""
     _refuse_synchronised(ctx.group, "higher-order or transformed gradients")
-    x, weight, mean, invstd, _, _, alpha = ctx.saved_tensors
+    x, weight, mean, invstd, _, _, alpha, relu_output = ctx.saved_tensors
+    if relu_output is not None:
+        # ReLU's second derivative is 0: the mask is a constant of the double backward.
+        grad_y = torch.where(relu_output > 0, grad_y, 0)
     grads = derivatives.backward(grad_y, x, weight, mean, invstd, alpha, ctx.eps,
                                  ctx.grad_through_stats, ctx.needs_input_grad[:3])
-    return _cast_param_grads(ctx, *grads)
+    return _cast_param_grads(ctx, *grads, grad_y if _residual_needs_grad(ctx) else None)
 
 
 def _refuse_synchronised(group, what: str) -> None:
@@ -85,22 +100,25 @@ def _refuse_synchronised(group, what: str) -> None:
 
 def run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats, backend,
-                group=None):
+                group=None, residual=None, relu=False):
     """The backend's forward op: ``y`` and what backward needs, ``(mean, invstd, batch_mean,
     batch_invstd, alpha)``. Called by the Function below, and directly when no gradient will be
     asked for (no graph to record: inference, ``torch.no_grad()``). ``group``: a process group
-    whose statistics a training step uses (``None``: this device's batch alone)."""
+    whose statistics a training step uses (``None``: this device's batch alone). ``residual``,
+    ``relu``: the fused epilogue, y = relu?(normalized + residual?)."""
     if training and group is not None:
         return sync.train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                                  num_batches_tracked, momentum, eps, alpha_params, backend, group)
+                                  num_batches_tracked, momentum, eps, alpha_params, backend, group,
+                                  residual, relu)
     if training:
         y, *saved = op(backend, "train_forward")(
             x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-            num_batches_tracked, momentum, eps, *alpha_params)
+            num_batches_tracked, momentum, eps, *alpha_params, residual, relu)
         return y, saved
     mean, spread, spread_is_std = _eval_statistics(running_mean, running_var, dbn_mean, dbn_std,
                                                    eval_stats)
-    y, invstd = op(backend, "eval_forward")(x, weight, bias, mean, spread, eps, spread_is_std)
+    y, invstd = op(backend, "eval_forward")(x, weight, bias, mean, spread, eps, spread_is_std,
+                                            residual, relu)
     return y, _eval_saved(mean, invstd)
 
 
@@ -140,9 +158,12 @@ def _forward_as_passes(x, weight, bias, running_mean, running_var, dbn_mean, dbn
 _UPDATED_BUFFERS = (3, 4, 5, 6)  # running_mean, running_var, dbn_mean, dbn_std
 
 
-def _store(ctx, x, weight, bias, saved, eps, grad_through_stats, backend, group):
-    """What either Function's backward reads. ``saved``: run_forward's five statistics."""
-    ctx.save_for_backward(x, weight, *saved)
+def _store(ctx, x, weight, bias, saved, eps, grad_through_stats, backend, group,
+           relu_output=None, takes_epilogue=False):
+    """What either Function's backward reads. ``saved``: run_forward's five statistics;
+    ``relu_output``: the output ``y`` when the step ended in a ReLU (its mask)."""
+    ctx.save_for_backward(x, weight, *saved, relu_output)
+    ctx.takes_epilogue = takes_epilogue
     ctx.grad_through_stats = grad_through_stats
     ctx.backend = backend
     ctx.group = group
@@ -158,22 +179,25 @@ def _backward_entry(ctx, grad_y, *_):
 
 
 class DiminishingBatchNormFunction(torch.autograd.Function):
-    """One normalisation step: ``y``. The Function of every eager and compiled call.
+    """One normalisation step with its fused epilogue: ``y = relu?(norm(x) + residual?)``. The
+    Function of every eager and compiled call. The ReLU's mask is not stored: backward reads it
+    from ``y`` (saved; it is the output anyway).
 
     Written with ``ctx`` in ``forward`` rather than ``setup_context``: the latter makes
     ``Function.apply`` bind the arguments with ``inspect.signature`` on every call, about 100 us
     of host time."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
-                grad_through_stats, backend, group):
+                grad_through_stats, backend, group, relu):
         y, saved = run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                                num_batches_tracked, training, momentum, eps, alpha_params,
-                               eval_stats, backend, group)
+                               eval_stats, backend, group, residual, relu)
         if not training:
             grad_through_stats, group = False, None
-        _store(ctx, x, weight, bias, saved, eps, grad_through_stats, backend, group)
+        _store(ctx, x, weight, bias, saved, eps, grad_through_stats, backend, group,
+               y if relu else None, takes_epilogue=True)
         return y
 
     backward = staticmethod(_backward_entry)
@@ -184,7 +208,9 @@ class TransformableFunction(torch.autograd.Function):
     ``setup_context`` and get rules for ``jvp`` and ``vmap``; applied only while one is active
     (``torch.compile`` cannot trace a Function that defines them). Outputs ``y`` and, not
     differentiable, the statistics backward reads: ``(mean, invstd, batch_mean, batch_invstd,
-    alpha)`` in training, ``invstd`` in eval (the mean is a buffer, an input)."""
+    alpha)`` in training, ``invstd`` in eval (the mean is a buffer, an input). It takes no
+    epilogue: under a transform the caller adds the residual and applies the ReLU with ordinary
+    (transformable) ops."""
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
@@ -216,7 +242,7 @@ class TransformableFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_tangent, weight_tangent, bias_tangent, *_):
         _refuse_synchronised(ctx.group, "forward-mode derivatives")
-        x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors
+        x, weight, mean, invstd, batch_mean, batch_invstd, alpha = ctx.saved_tensors  # forward's
         y_tangent = derivatives.jvp(x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
                                     ctx.grad_through_stats, x_tangent, weight_tangent,
                                     bias_tangent)

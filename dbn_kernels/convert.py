@@ -68,9 +68,11 @@ def _to_sync(layer: nn.Module, process_group) -> nn.Module:
     if isinstance(layer, modules._DiminishingMixin):
         new = modules.SyncDiminishingBatchNorm(
             layer.num_features, **common, process_group=process_group, alpha=layer.alpha,
-            eval_stats=layer.eval_stats, grad_through_stats=layer.grad_through_stats)
+            eval_stats=layer.eval_stats, grad_through_stats=layer.grad_through_stats,
+            activation=layer.activation)
         return _adopt(new, layer, _SHARED + ("dbn_mean", "dbn_std"))
-    new = modules.SyncBatchNorm(layer.num_features, **common, process_group=process_group)
+    new = modules.SyncBatchNorm(layer.num_features, **common, process_group=process_group,
+                                activation=layer.activation)
     return _adopt(new, layer, _SHARED)
 
 

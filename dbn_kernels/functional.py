@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._checks import check_call
+from ._checks import check_call, check_epilogue
 from .sync import group_to_sync
 from .autograd import (DiminishingBatchNormFunction, TransformableFunction, run_forward,
                        transforms_active)
@@ -19,7 +19,8 @@ _BN_SCHEDULE = (1.0, 0.0, 0.0)  # a_k = 1: plain batch norm
 
 def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                num_batches_tracked, *, training, momentum, eps, alpha_params, eval_stats,
-               grad_through_stats, backend, process_group):
+               grad_through_stats, backend, process_group, residual, activation):
+    relu = check_epilogue(x, residual, activation)
     use_batch_stats = training or (running_mean is None and dbn_mean is None)
     # Statistics cross ranks in training only; eval is local, as in torch.nn.SyncBatchNorm.
     group = group_to_sync(process_group) if training else None
@@ -31,8 +32,9 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         # Before check_call, whose shape tests torch.jit.trace would warn about (the exporter
         # validates the ATen op's arguments itself).
         if not training:
-            return _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                                eps, eval_stats, use_batch_stats)
+            y = _export_eval(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                             eps, eval_stats, use_batch_stats)
+            return _epilogue(y, residual, relu)
         _refuse_onnx_training_export()
     check_call(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                dbn_mean=dbn_mean, dbn_std=dbn_std, num_batches_tracked=num_batches_tracked,
@@ -51,20 +53,27 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
             num_batches_tracked.add_(1)
         shape = (1, -1, *([1] * (x.dim() - 2)))
         y = x * (1 if weight is None else weight.view(shape))
-        return y if bias is None else y + bias.view(shape)
+        return _epilogue(y if bias is None else y + bias.view(shape), residual, relu)
     args = (x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
             use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name,
             group)
     if transforms_active():
-        return TransformableFunction.apply(*args)[0]
+        # The transform rules cover the normalization; the epilogue, as ordinary ops, gets
+        # torch's own (unfused: a transform is not the fast path).
+        return _epilogue(TransformableFunction.apply(*args)[0], residual, relu)
     if not (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
-                                         or _requires_grad(bias))):
+                                         or _requires_grad(bias) or _requires_grad(residual))):
         # No gradient can be asked for: the op alone, without recording a graph (the Function's
         # machinery is a third of an eval call's host time on a GPU).
-        return run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                           num_batches_tracked, use_batch_stats, momentum, eps, alpha_params,
-                           eval_stats, name, group)[0]
-    return DiminishingBatchNormFunction.apply(*args)
+        return run_forward(*args[:13], name, group, residual, relu)[0]
+    return DiminishingBatchNormFunction.apply(*args[:3], residual, *args[3:], relu)
+
+
+def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """The fused epilogue as separate ordinary ops, where no fused kernel runs."""
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
 
 
 def _exporting() -> bool:
@@ -122,7 +131,9 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                bias: torch.Tensor | None = None, training: bool = False,
                momentum: float | None = 0.1, eps: float = 1e-5, *,
                num_batches_tracked: torch.Tensor | None = None,
-               backend: str = "auto", process_group=None) -> torch.Tensor:
+               backend: str = "auto", process_group=None,
+               residual: torch.Tensor | None = None,
+               activation: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.batch_norm`` on the project's kernels.
 
     Unlike PyTorch's functional form this one counts steps itself: pass ``num_batches_tracked``
@@ -133,11 +144,16 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
     ``torch.distributed`` group (``torch.distributed.group.WORLD`` for all ranks), as
     ``torch.nn.SyncBatchNorm`` does; every rank must call it, with an empty batch if it has none.
     ``None`` (the default) or a group of one rank: this call's batch alone.
+
+    ``residual`` and ``activation`` (``None`` or ``"relu"``): the fused epilogue,
+    ``activation(batch_norm(input) + residual)`` in the same kernels (``residual`` of the input's
+    shape and dtype). Backward recovers the ReLU's mask from the output.
     """
     return _normalize(input, weight, bias, running_mean, running_var, None, None,
                       num_batches_tracked, training=training, momentum=momentum, eps=eps,
                       alpha_params=_BN_SCHEDULE, eval_stats="running",
-                      grad_through_stats=True, backend=backend, process_group=process_group)
+                      grad_through_stats=True, backend=backend, process_group=process_group,
+                      residual=residual, activation=activation)
 
 
 def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std: torch.Tensor,
@@ -148,11 +164,13 @@ def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std:
                            alpha: AlphaLike = 0.25, momentum: float | None = 0.1,
                            eps: float = 1e-5, *, eval_stats: str = "dbn",
                            grad_through_stats: bool = True,
-                           backend: str = "auto", process_group=None) -> torch.Tensor:
+                           backend: str = "auto", process_group=None,
+                           residual: torch.Tensor | None = None,
+                           activation: str | None = None) -> torch.Tensor:
     """Diminishing batch norm (Ma & Klabjan, Algorithm 1): normalise with the a_k-weighted
     average of the batch mean and standard deviation, kept in ``dbn_mean``/``dbn_std`` and
     updated in training. PyTorch's ``running_mean``/``running_var`` are updated alongside when
-    given. ``process_group`` as in ``batch_norm``: the batch statistics of every rank."""
+    given. ``process_group``, ``residual`` and ``activation`` as in ``batch_norm``."""
     if eval_stats not in EVAL_STATS:
         raise ValueError(f"eval_stats must be one of {EVAL_STATS}, got {eval_stats!r}")
     if dbn_mean is None or dbn_std is None or num_batches_tracked is None:
@@ -166,4 +184,4 @@ def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std:
                       num_batches_tracked, training=training, momentum=momentum, eps=eps,
                       alpha_params=alpha_params, eval_stats=eval_stats,
                       grad_through_stats=bool(grad_through_stats), backend=backend,
-                      process_group=process_group)
+                      process_group=process_group, residual=residual, activation=activation)

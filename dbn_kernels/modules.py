@@ -18,7 +18,7 @@ from torch import nn
 from torch.fx import Proxy
 
 from . import backends
-from ._checks import check_rank
+from ._checks import check_activation, check_rank
 from .functional import EVAL_STATS, batch_norm, diminishing_batch_norm
 from .schedules import AlphaLike, as_schedule
 from .sync import group_or_default
@@ -44,7 +44,7 @@ class _ProjectNorm:
     _torch_cls: type
 
     def _setup(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
-               bias, backend, **torch_kwargs):
+               bias, backend, activation=None, **torch_kwargs):
         kwargs = {"device": device, "dtype": dtype, **torch_kwargs}
         if _takes_bias(self._torch_cls):
             kwargs["bias"] = bias
@@ -53,6 +53,21 @@ class _ProjectNorm:
         if affine and not bias and self.bias is not None:
             self.register_parameter("bias", None)
         self.backend = backends.validate_name(backend)
+        self.activation = activation
+
+    # The fused epilogue, forward(x, residual) = activation(norm(x) + residual): a plain
+    # attribute (no state_dict entry), validated where it is set.
+    @property
+    def activation(self) -> str | None:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        check_activation(value)
+        self._activation = value
+
+    def _epilogue_repr(self) -> str:
+        return "" if self._activation is None else f", activation={self._activation!r}"
 
     def _check_input_dim(self, input):
         ranks, what = _RANKS[self._dims]
@@ -96,13 +111,14 @@ class _ProjectNorm:
 class _BatchNormMixin(_ProjectNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, bias: bool = True, backend: str = "auto") -> None:
+                 *, bias: bool = True, backend: str = "auto",
+                 activation: str | None = None) -> None:
         self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
-                    backend)
+                    backend, activation)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return self._fx_node(input)
+            return self._fx_node(input, residual=residual)
         self._check_input_dim(input)
         tracked = not self.training or self.track_running_stats
         return batch_norm(
@@ -111,27 +127,30 @@ class _BatchNormMixin(_ProjectNorm):
             self.running_var if tracked else None,
             self.weight, self.bias, self.training, self.momentum, self.eps,
             num_batches_tracked=self.num_batches_tracked if self._updates_buffers() else None,
-            backend=self.backend, process_group=self._process_group())
+            backend=self.backend, process_group=self._process_group(), residual=residual,
+            activation=self._activation)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
+        return super().extra_repr() + f", backend={self.backend!r}" + self._epilogue_repr()
 
 
 class _DiminishingMixin(_ProjectNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, alpha: AlphaLike = 0.25, eval_stats: str = "dbn",
-                 grad_through_stats: bool = True, backend: str = "auto") -> None:
+                 grad_through_stats: bool = True, backend: str = "auto",
+                 activation: str | None = None) -> None:
         self._setup_diminishing(num_features, eps, momentum, affine, track_running_stats, device,
-                                dtype, bias, alpha, eval_stats, grad_through_stats, backend)
+                                dtype, bias, alpha, eval_stats, grad_through_stats, backend,
+                                activation)
 
     def _setup_diminishing(self, num_features, eps, momentum, affine, track_running_stats,
                            device, dtype, bias, alpha, eval_stats, grad_through_stats, backend,
-                           **torch_kwargs):
+                           activation, **torch_kwargs):
         if not track_running_stats:
             raise self._needs_tracking()
         self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
-                    backend, **torch_kwargs)
+                    backend, activation, **torch_kwargs)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("dbn_mean", torch.zeros(num_features, **factory))
         self.register_buffer("dbn_std", torch.ones(num_features, **factory))
@@ -171,9 +190,9 @@ class _DiminishingMixin(_ProjectNorm):
             "track_running_stats=True; use BatchNorm with track_running_stats=False for batch "
             "statistics only")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return self._fx_node(input)
+            return self._fx_node(input, residual=residual)
         self._check_input_dim(input)
         if not self.track_running_stats:  # switched off after construction
             raise self._needs_tracking()
@@ -181,7 +200,8 @@ class _DiminishingMixin(_ProjectNorm):
             input, self.dbn_mean, self.dbn_std, self.num_batches_tracked, self.weight, self.bias,
             self.running_mean, self.running_var, self.training, self._alpha, self.momentum,
             self.eps, eval_stats=self._eval_stats, grad_through_stats=self.grad_through_stats,
-            backend=self.backend, process_group=self._process_group())
+            backend=self.backend, process_group=self._process_group(), residual=residual,
+            activation=self._activation)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -197,7 +217,8 @@ class _DiminishingMixin(_ProjectNorm):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", alpha={self._alpha!r}, eval_stats={self._eval_stats!r}"
-                f", grad_through_stats={self.grad_through_stats}, backend={self.backend!r}")
+                f", grad_through_stats={self.grad_through_stats}, backend={self.backend!r}"
+                + self._epilogue_repr())
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
@@ -279,9 +300,10 @@ class SyncBatchNorm(_SyncMixin, _BatchNormMixin, nn.SyncBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None, *, bias: bool = True, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, bias: bool = True, backend: str = "auto",
+                 activation: str | None = None) -> None:
         self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
-                    backend, process_group=process_group)
+                    backend, activation, process_group=process_group)
 
 
 class SyncDiminishingBatchNorm(_SyncMixin, _DiminishingMixin, nn.SyncBatchNorm):
@@ -295,7 +317,7 @@ class SyncDiminishingBatchNorm(_SyncMixin, _DiminishingMixin, nn.SyncBatchNorm):
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
                  device=None, dtype=None, *, bias: bool = True, alpha: AlphaLike = 0.25,
                  eval_stats: str = "dbn", grad_through_stats: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", activation: str | None = None) -> None:
         self._setup_diminishing(num_features, eps, momentum, affine, track_running_stats, device,
                                 dtype, bias, alpha, eval_stats, grad_through_stats, backend,
-                                process_group=process_group)
+                                activation, process_group=process_group)

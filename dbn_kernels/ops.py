@@ -8,10 +8,12 @@ the passes, for callers that insert work between them (a collective for multi-GP
     dbn::B_batch_stats        x -> local statistics (count, mean, M2) per channel; counts a step
     dbn::B_finalize           a stack of statistics from any number of sources -> a_k, every
                               buffer update, the saved tensors, the normalize coefficients
-    dbn::B_normalize          y = (x - center) * scale + shift, per channel
-    dbn::B_backward_reduce    (dy, x, mean) -> local sums (count, sum dy, sum dy * (x - mean))
+    dbn::B_normalize          y = (x - center) * scale + shift, per channel (+ residual, ReLU)
+    dbn::B_backward_reduce    (dy, x, mean) -> local sums (count, sum dy, sum dy * (x - mean)),
+                              dy masked by a ReLU's saved output
     dbn::B_backward_finalize  a stack of sums -> grad_weight, grad_bias, the dx coefficients
-    dbn::B_backward_dx        dx = A * dy + B * (x - center) + shift, per channel
+    dbn::B_backward_dx        dx = A * dy + B * (x - center) + shift, per channel (and the
+                              residual's gradient, the masked dy)
 
 and their single-device compositions, fused (no statistics leave the device between passes; the
 GPU backends merge their per-block partial results in ``finalize`` directly)::
@@ -40,6 +42,16 @@ Per-channel statistics (the "stat dtype": float32, float64 for float64 input):
 * dx coefficients: ``(4, C)`` rows (A, center, B, shift) with gradient through the statistics
   (center = m_B), ``(1, C)`` row A without (dx = A * dy, x unread), ``(0, C)`` without input
   gradient.
+
+The fused epilogue (``normalize``, ``train_forward``, ``eval_forward``): ``y = relu(n + residual)``
+where ``n`` is the normalized value, ``residual`` (optional) a tensor of x's shape and dtype and
+``relu`` a flag; computed in the statistics' dtype and rounded once. Its backward (``backward``,
+``backward_reduce``, ``backward_dx``) takes ``relu_output``, the forward's ``y`` when the forward
+applied the ReLU: every pass then reads ``dy * (y > 0)`` in place of ``dy`` (the mask is recovered
+from the output, not stored), which is also the residual's gradient. ``residual_grad`` asks for it:
+``grad_residual`` is written by the same element-wise pass as ``grad_x``, in x's dtype and memory
+format; it is ``(0,)``-empty unless ``residual_grad`` and ``relu_output`` (without a ReLU the
+residual's gradient is ``dy`` itself, which the caller passes on).
 """
 
 from __future__ import annotations
@@ -54,6 +66,10 @@ _BUFFERS = ("Tensor(a!)? running_mean, Tensor(b!)? running_var, "
             "Tensor(c!)? dbn_mean, Tensor(d!)? dbn_std")
 _STEP = "float? momentum, float eps, float alpha_scale, float alpha_power, float alpha_offset"
 _SAVED = "Tensor mean, Tensor invstd, Tensor batch_mean, Tensor batch_invstd, Tensor alpha"
+# The fused epilogue y = relu?(normalized + residual?), and what its backward reads: the ReLU
+# mask from the saved output (y > 0), the residual's gradient from the same element-wise pass.
+_EPILOGUE = "Tensor? residual=None, bool relu=False"
+_EPILOGUE_GRAD = "Tensor? relu_output=None, bool residual_grad=False"
 
 SCHEMAS = {
     # ---- passes ----
@@ -61,24 +77,27 @@ SCHEMAS = {
     "finalize": (
         f"(Tensor stats, Tensor? weight, Tensor? bias, {_BUFFERS}, "
         f"Tensor? num_batches_tracked, {_STEP}) -> ({_SAVED}, Tensor coef)"),
-    "normalize": "(Tensor x, Tensor coef) -> Tensor",
-    "backward_reduce": "(Tensor grad_y, Tensor x, Tensor mean) -> Tensor",
+    "normalize": f"(Tensor x, Tensor coef, {_EPILOGUE}) -> Tensor",
+    "backward_reduce": "(Tensor grad_y, Tensor x, Tensor mean, Tensor? relu_output=None) -> Tensor",
     "backward_finalize": (
         "(Tensor sums, Tensor? weight, Tensor invstd, Tensor batch_mean, Tensor batch_invstd, "
         "Tensor alpha, bool grad_through_stats, bool input_grad) "
         "-> (Tensor grad_weight, Tensor grad_bias, Tensor coef)"),
-    "backward_dx": "(Tensor grad_y, Tensor x, Tensor coef) -> Tensor",
+    "backward_dx": (
+        f"(Tensor grad_y, Tensor x, Tensor coef, {_EPILOGUE_GRAD}) "
+        "-> (Tensor grad_x, Tensor grad_residual)"),
     # ---- fused single-device compositions ----
     "train_forward": (
         f"(Tensor x, Tensor? weight, Tensor? bias, {_BUFFERS}, "
-        f"Tensor(e!)? num_batches_tracked, {_STEP}) -> (Tensor y, {_SAVED})"),
+        f"Tensor(e!)? num_batches_tracked, {_STEP}, {_EPILOGUE}) -> (Tensor y, {_SAVED})"),
     "eval_forward": (
         "(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor spread, float eps, "
-        "bool spread_is_std) -> (Tensor y, Tensor invstd)"),
+        f"bool spread_is_std, {_EPILOGUE}) -> (Tensor y, Tensor invstd)"),
     "backward": (
         "(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
         "Tensor batch_mean, Tensor batch_invstd, Tensor alpha, bool grad_through_stats, "
-        "bool input_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"),
+        f"bool input_grad, {_EPILOGUE_GRAD}) "
+        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)"),
 }
 """Every op of a backend, by entry name. Notes on the arguments:
 
@@ -137,11 +156,11 @@ def _fake_finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn
     return (*_saved(stats, C, stats.dtype), _per_channel(stats, C, stats.dtype, rows=3))
 
 
-def _fake_normalize(x, coef):
+def _fake_normalize(x, coef, residual=None, relu=False):
     return empty_like_preserving(x)
 
 
-def _fake_backward_reduce(grad_y, x, mean):
+def _fake_backward_reduce(grad_y, x, mean, relu_output=None):
     return _per_channel(x, x.shape[1], stat_dtype(x), rows=3)
 
 
@@ -152,24 +171,38 @@ def _fake_backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alph
             _per_channel(sums, C, sums.dtype, rows=dx_coef_rows(grad_through_stats, input_grad)))
 
 
-def _fake_backward_dx(grad_y, x, coef):
-    return empty_like_preserving(x)
+def residual_grad_written(relu_output, residual_grad: bool) -> bool:
+    """Whether the backward ops write ``grad_residual`` (see the module docstring)."""
+    return residual_grad and relu_output is not None
+
+
+def _grad_residual(x, relu_output, residual_grad):
+    return empty_like_preserving(x) if residual_grad_written(relu_output, residual_grad) \
+        else x.new_empty((0,))
+
+
+def _fake_backward_dx(grad_y, x, coef, relu_output=None, residual_grad=False):
+    grad_x = empty_like_preserving(x) if coef.shape[0] else x.new_empty((0,))
+    return grad_x, _grad_residual(x, relu_output, residual_grad)
 
 
 def _fake_train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                        num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+                        num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+                        residual=None, relu=False):
     return (empty_like_preserving(x), *_saved(x, x.shape[1], stat_dtype(x)))
 
 
-def _fake_eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
+def _fake_eval_forward(x, weight, bias, mean, spread, eps, spread_is_std, residual=None,
+                       relu=False):
     return empty_like_preserving(x), _per_channel(x, x.shape[1], stat_dtype(x))
 
 
 def _fake_backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-                   grad_through_stats, input_grad):
+                   grad_through_stats, input_grad, relu_output=None, residual_grad=False):
     grad_x = empty_like_preserving(x) if input_grad else x.new_empty((0,))
     C = x.shape[1]
-    return grad_x, _per_channel(x, C, stat_dtype(x)), _per_channel(x, C, stat_dtype(x))
+    return (grad_x, _per_channel(x, C, stat_dtype(x)), _per_channel(x, C, stat_dtype(x)),
+            _grad_residual(x, relu_output, residual_grad))
 
 
 FAKES = {

@@ -57,9 +57,11 @@ def schedule_alpha(k: torch.Tensor, alpha_scale: float, alpha_power: float,
 
 
 def _normalize_in_place(centered: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
-                        shift: torch.Tensor | None) -> torch.Tensor:
-    """y = centered * scale + shift in ``x``'s dtype, where ``centered`` is x minus a per-channel
-    center in the statistics' dtype (a temporary, overwritten here).
+                        shift: torch.Tensor | None, residual: torch.Tensor | None = None,
+                        relu: bool = False) -> torch.Tensor:
+    """y = relu?(centered * scale + shift + residual?) in ``x``'s dtype, where ``centered`` is x
+    minus a per-channel center in the statistics' dtype (a temporary, overwritten here). The
+    epilogue runs before the one rounding into x's dtype.
 
     Scaling the centered value rather than folding the center into the shift (x*scale + shift)
     keeps |mean| >> std inputs accurate: the large terms cancel before rounding. In place, because
@@ -68,7 +70,19 @@ def _normalize_in_place(centered: torch.Tensor, x: torch.Tensor, scale: torch.Te
     y = centered.mul_(scale.view(*shape))
     if shift is not None:
         y.add_(shift.view(*shape))
+    if residual is not None:
+        y.add_(residual)
+    if relu:
+        y.relu_()
     return _as(y, x.dtype)
+
+
+def _masked(grad_y: torch.Tensor, relu_output: torch.Tensor | None) -> torch.Tensor:
+    """dy through the fused ReLU: dy where the saved output is positive, else 0 (as PyTorch's
+    ReLU backward, which also reads its output)."""
+    if relu_output is None:
+        return grad_y
+    return torch.where(relu_output > 0, grad_y, 0)
 
 
 def _average(batch_mean, batch_std, batch_invstd, unbiased_var, running_mean, running_var,
@@ -149,17 +163,18 @@ def finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     return mean, invstd, batch_mean.clone(), batch_invstd, alpha, coef
 
 
-def normalize(x, coef):
+def normalize(x, coef, residual=None, relu=False):
     centered = x - _as(coef[0], stat_dtype(x)).view(*_channel_shape(x))
-    return _normalize_in_place(centered, x, coef[1], coef[2])
+    return _normalize_in_place(centered, x, coef[1], coef[2], residual, relu)
 
 
-def backward_reduce(grad_y, x, mean):
+def backward_reduce(grad_y, x, mean, relu_output=None):
     acc = stat_dtype(x)
     C = x.shape[1]
     if x.numel() == 0:
         return x.new_zeros((3, C), dtype=acc)
     dims = _reduce_dims(x)
+    grad_y = _masked(grad_y, relu_output)
     sum_dy = grad_y.sum(dims, dtype=acc)
     sum_dy_xc = (x - mean.view(*_channel_shape(x))).mul_(grad_y).sum(dims)  # in acc
     return torch.stack((torch.full_like(sum_dy, x.numel() // C), sum_dy, sum_dy_xc))
@@ -181,8 +196,23 @@ def backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alpha, gra
     return grad_weight, sum_dy, coef
 
 
-def backward_dx(grad_y, x, coef):
+def _grad_residual(grad_y, x, relu_output, residual_grad):
+    """The residual's gradient (``grad_y`` already masked) when the ops write it, else empty."""
+    if not (residual_grad and relu_output is not None):
+        return x.new_empty((0,))
+    return _like_input(grad_y, x)  # the masked dy is a new tensor: no alias of an input
+
+
+def backward_dx(grad_y, x, coef, relu_output=None, residual_grad=False):
+    grad_y = _masked(grad_y, relu_output)
+    grad_residual = _grad_residual(grad_y, x, relu_output, residual_grad)
+    return _dx(grad_y, x, coef), grad_residual
+
+
+def _dx(grad_y, x, coef):
     shape = _channel_shape(x)
+    if coef.shape[0] == 0:
+        return x.new_empty((0,))
     if coef.shape[0] == 1:
         grad_x = grad_y * coef[0].view(*shape)  # in the statistics' dtype: type promotion
     else:
@@ -195,7 +225,8 @@ def backward_dx(grad_y, x, coef):
 # ---- fused compositions ------------------------------------------------------------------------
 
 def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+                  residual=None, relu=False):
     """batch_stats -> finalize -> normalize in one: the statistics straight from x, and the
     batch-centered values reused for y."""
     acc = stat_dtype(x)
@@ -225,7 +256,7 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         shift = (batch_mean - mean).mul_(scale)
         if bias is not None:
             shift.add_(bias)
-    y = _normalize_in_place(centered, x, scale, shift)
+    y = _normalize_in_place(centered, x, scale, shift, residual, relu)
     return y, mean, invstd, batch_mean, batch_invstd, alpha
 
 
@@ -236,12 +267,12 @@ def eval_invstd(spread, eps, spread_is_std, acc):
     return spread.reciprocal() if spread_is_std else torch.rsqrt(spread + eps)
 
 
-def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
+def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std, residual=None, relu=False):
     acc = stat_dtype(x)
     invstd = eval_invstd(spread, eps, spread_is_std, acc)
     centered = x - _as(mean, acc).view(*_channel_shape(x))
     scale = invstd if weight is None else invstd * weight
-    return _normalize_in_place(centered, x, scale, bias), invstd
+    return _normalize_in_place(centered, x, scale, bias, residual, relu), invstd
 
 
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +283,17 @@ def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-             grad_through_stats, input_grad):
+             grad_through_stats, input_grad, relu_output=None, residual_grad=False):
+    grad_y = _masked(grad_y, relu_output)
+    grad_residual = _grad_residual(grad_y, x, relu_output, residual_grad)
+    grad_x, grad_weight, grad_bias = _backward(grad_y, x, weight, mean, invstd, batch_mean,
+                                               batch_invstd, alpha, grad_through_stats,
+                                               input_grad)
+    return grad_x, grad_weight, grad_bias, grad_residual
+
+
+def _backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
+              grad_through_stats, input_grad):
     acc = stat_dtype(x)
     dims = _reduce_dims(x)
     shape = _channel_shape(x)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .ops import empty_like_preserving, op
+from .ops import empty_like_preserving, op, residual_grad_written
 
 
 def all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
@@ -44,40 +44,54 @@ def all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
 
 
 def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                  num_batches_tracked, momentum, eps, alpha_params, backend, group):
+                  num_batches_tracked, momentum, eps, alpha_params, backend, group,
+                  residual=None, relu=False):
     """The training step on statistics of the whole group: ``y`` and the saved tensors
-    ``(mean, invstd, batch_mean, batch_invstd, alpha)``, as the fused ``train_forward``."""
+    ``(mean, invstd, batch_mean, batch_invstd, alpha)``, as the fused ``train_forward`` (with
+    its epilogue, ``residual`` and ``relu``, in the normalize pass)."""
     local = op(backend, "batch_stats")(x, num_batches_tracked)
     stats = all_gather_rows(local, group)
     *saved, coef = op(backend, "finalize")(
         stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
         momentum, eps, *alpha_params)
     # An empty local batch still took part in the collective above (its count is 0).
-    y = op(backend, "normalize")(x, coef) if x.numel() else empty_like_preserving(x)
+    y = op(backend, "normalize")(x, coef, residual, relu) if x.numel() \
+        else empty_like_preserving(x)
     return y, saved
 
 
 def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-             grad_through_stats, input_grad, param_grads, backend, group):
-    """``(grad_x, grad_weight, grad_bias)``: ``grad_x`` is this rank's slice of the gradient of
-    the whole group's loss (``None`` unless ``input_grad``), the parameter gradients the rank's
-    own sums (``None`` unless ``param_grads``).
+             grad_through_stats, input_grad, param_grads, backend, group, relu_output=None,
+             residual_grad=False):
+    """``(grad_x, grad_weight, grad_bias, grad_residual)``: ``grad_x`` is this rank's slice of
+    the gradient of the whole group's loss (``None`` unless ``input_grad``), the parameter
+    gradients the rank's own sums (``None`` unless ``param_grads``), ``grad_residual`` as the
+    fused ``backward``'s (the masked dy, local: ``None`` unless written).
 
     The sums cross ranks only for ``grad_x``; as in ``torch.nn.SyncBatchNorm``, no collective
     runs when no rank needs it (every rank holds the same model, so all agree)."""
-    local = op(backend, "backward_reduce")(grad_y, x, mean)
-    grad_x = grad_weight = grad_bias = None
-    if input_grad:
-        sums = all_gather_rows(local, group)
-        _, _, coef = op(backend, "backward_finalize")(
-            sums, weight, invstd, batch_mean, batch_invstd, alpha, grad_through_stats, True)
-        grad_x = op(backend, "backward_dx")(grad_y, x, coef) if x.numel() \
-            else empty_like_preserving(x)
+    local = op(backend, "backward_reduce")(grad_y, x, mean, relu_output)
+    grad_x = grad_weight = grad_bias = grad_residual = None
+    residual_grad = residual_grad_written(relu_output, residual_grad)
+    if input_grad or residual_grad:
+        if input_grad:
+            sums = all_gather_rows(local, group)
+            _, _, coef = op(backend, "backward_finalize")(
+                sums, weight, invstd, batch_mean, batch_invstd, alpha, grad_through_stats, True)
+        else:  # the residual's gradient alone: no dx coefficients, no collective
+            coef = local.new_empty((0, local.shape[-1]))
+        if x.numel():
+            grad_x, grad_residual = op(backend, "backward_dx")(grad_y, x, coef, relu_output,
+                                                               residual_grad)
+        else:
+            grad_x = grad_residual = empty_like_preserving(x)
+        grad_x = grad_x if input_grad else None
+        grad_residual = grad_residual if residual_grad else None
     if param_grads:
         grad_weight, grad_bias, _ = op(backend, "backward_finalize")(
             local.unsqueeze(0), weight, invstd, batch_mean, batch_invstd, alpha,
             grad_through_stats, False)
-    return grad_x, grad_weight, grad_bias
+    return grad_x, grad_weight, grad_bias, grad_residual
 
 
 def group_to_sync(group) -> object | None:
