@@ -10,6 +10,7 @@ before the kernels are imported); with one, on CUDA tensors. Allocations are poi
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 import subprocess
@@ -19,10 +20,10 @@ import pytest
 import torch
 
 import dbn_kernels as dbn
-from contract import (BUFFER_ORDER, DEVICE, EPS, LAYOUTS, REFERENCE, Backend, as_double,
-                      assert_buffers_close, assert_stats_close, bits, check_backward,
+from contract import (BUFFER_ORDER, DEVICE, EPS, LAYOUTS, REFERENCE, SCHEDULE, Backend,
+                      as_double, assert_buffers_close, assert_stats_close, bits, check_backward,
                       check_train_step, dbl, is_nsc, make_state, make_x, params,
-                      poisoned_allocations, to_layout, train)
+                      poisoned_allocations, to_layout)
 
 pytest.importorskip("triton")
 pytest.importorskip("dbn_kernels.triton_kernels")
@@ -129,27 +130,218 @@ def test_int64_threshold():
 
 # ---- determinism -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_bitwise_deterministic_with_many_programs(monkeypatch, layout):
-    """Tiny tiles: many splits, finalize steps and programs, still two identical runs."""
+def test_bitwise_deterministic_with_many_programs(monkeypatch, layout, fused):
+    """Tiny tiles: many splits, finalize steps and programs, still two identical runs (fused:
+    with a residual and a ReLU, and the masked backward writing the residual's gradient)."""
     monkeypatch.setattr(launch, "TUNING", TINY)
     C = 5
     shape = (2, C, 4, 5)
     x = make_x(shape, torch.bfloat16, layout)
     dy = make_x(shape, torch.bfloat16, layout, 0.0, 1.0)
+    residual = make_x(shape, torch.bfloat16, layout, 0.0, 3.0) if fused else None
     w, b = params(C)
     runs = []
     for _ in range(2):
         st = make_state(C)
         outs = []
         for _ in range(2):
-            out = train(TRITON.op("train_forward"), x, w, b, st)
-            outs += [*out, *TRITON.op("backward")(dy, x, w, *out[1:], True, True)]
+            out = TRITON.op("train_forward")(x, w, b, *(st[k] for k in BUFFER_ORDER), 0.1, EPS,
+                                             *SCHEDULE, residual, fused)
+            outs += [*out, *TRITON.op("backward")(dy, x, w, *out[1:], True, True,
+                                                  out[0] if fused else None, fused)]
             outs.append(TRITON.op("batch_stats")(x, None))
         outs += [st[k] for k in BUFFER_ORDER]
         runs.append(outs)
     for first, second in zip(*runs):
         assert torch.equal(bits(first), bits(second))
+
+
+# ---- the fused epilogue (residual, ReLU) -------------------------------------------------------
+# Its values on every backend, dtype and layout are tests/test_fused_ops.py's; here what is
+# Triton's own: tiny tiles and 64-bit offsets, operands in another memory format than x, exact
+# residual gradients, and that fusing adds no launch.
+
+def _other(layout):
+    return "contiguous" if layout == "channels_last" else "channels_last"
+
+
+def _train_step(backend, x, w, b, st, residual, relu):
+    return backend.op("train_forward")(x, w, b, *(st[k] for k in BUFFER_ORDER), 0.1, EPS,
+                                       *SCHEDULE, residual, relu)
+
+
+def _assert_close(actual, expected64, what, scale=1.0):
+    torch.testing.assert_close(actual.double(), expected64, rtol=1e-5, atol=1e-5 * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_epilogue_tiny_tiles(monkeypatch, layout, int64):
+    """The residual + ReLU forward and its masked backward under tiny tiles (many splits,
+    partial tiles, several channel blocks and element-wise programs), also with 64-bit offsets,
+    against the float64 reference. The residual and dy come in the other memory format (read in
+    x's order after a copy); the outputs keep x's, and grad_residual is the masked dy exactly."""
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    if int64:
+        monkeypatch.setattr(launch, "_INT32_LIMIT", 0)
+    shape = (3, 5, 6, 7)
+    C = shape[1]
+    x = make_x(shape, torch.float32, layout)
+    assert launch.geometry(x).int64 == int64
+    residual = make_x(shape, torch.float32, _other(layout), mean=0.0, std=1.0)
+    dy = make_x(shape, torch.float32, _other(layout), mean=0.0, std=1.0)
+    w, b = params(C)
+    st = make_state(C)
+    ref = as_double(st)
+    for _ in range(2):  # the second step with a_k < 1: mu_k != m_B
+        out = _train_step(TRITON, x, w, b, st, residual, True)
+        out64 = _train_step(REFERENCE, x.double(), dbl(w), dbl(b), ref, residual.double(), True)
+        assert_buffers_close(st, ref, exact_dtype=True)
+    y = out[0]
+    assert y.stride() == torch.empty_like(x).stride()
+    assert (y == 0).any() and (y > 0).any()  # the ReLU clips some values, not all
+    _assert_close(y, out64[0], "y")
+    # the mask both backends apply: from the same output
+    y64 = y.double()
+    for gts, input_grad in itertools.product((True, False), repeat=2):
+        grads = TRITON.op("backward")(dy, x, w, *out[1:], gts, input_grad, y, True)
+        grads64 = REFERENCE.op("backward")(dy.double(), x.double(), dbl(w), *out64[1:], gts,
+                                           input_grad, y64, True)
+        grad_x, grad_weight, grad_bias, grad_residual = grads
+        assert torch.equal(grad_residual, torch.where(y > 0, dy, 0))
+        assert grad_residual.stride() == torch.empty_like(x).stride()
+        _assert_close(grad_weight, grads64[1], "grad_weight", scale=10.0)
+        _assert_close(grad_bias, grads64[2], "grad_bias", scale=10.0)
+        if input_grad:
+            assert grad_x.stride() == torch.empty_like(x).stride()
+            _assert_close(grad_x, grads64[0], "grad_x")
+        else:
+            assert grad_x.numel() == 0
+        # the same through the passes: reduce -> finalize -> dx
+        sums = TRITON.op("backward_reduce")(dy, x, out[1], y)
+        assert_stats_close(sums, REFERENCE.op("backward_reduce")(
+            dy.double(), x.double(), out[1].double(), y64), "sums")
+        coef = TRITON.op("backward_finalize")(sums[None], w, *out[2:], gts, input_grad)[2]
+        dx, dres = TRITON.op("backward_dx")(dy, x, coef, y, True)
+        dx64, _ = REFERENCE.op("backward_dx")(dy.double(), x.double(), coef.double(), y64, True)
+        assert torch.equal(dres, grad_residual)
+        if input_grad:
+            _assert_close(dx, dx64, "backward_dx")
+        else:
+            assert dx.numel() == 0
+    for spread, spread_is_std in ((st["dbn_std"], True), (st["running_var"], False)):
+        mean = st["dbn_mean"] if spread_is_std else st["running_mean"]
+        ye, _ = TRITON.op("eval_forward")(x, w, b, mean, spread, EPS, spread_is_std, residual,
+                                          True)
+        ye64, _ = REFERENCE.op("eval_forward")(x.double(), dbl(w), dbl(b), mean.double(),
+                                               spread.double(), EPS, spread_is_std,
+                                               residual.double(), True)
+        assert ye.stride() == torch.empty_like(x).stride()
+        _assert_close(ye, ye64, "eval y")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_epilogue_bfloat16_rounds_once(layout):
+    """bfloat16: y = relu(n + residual) is rounded once, from float32: within half an ulp (and
+    float32's error) of the exact value, which rounding n first and then the sum is not;
+    grad_residual is dy bit for bit where y > 0."""
+    shape = (4, 3, 7, 7)
+    x = make_x(shape, torch.bfloat16, layout)
+    residual = make_x(shape, torch.bfloat16, layout, mean=0.0, std=1.0)
+    C = shape[1]
+    coef = torch.stack((torch.randn(C), torch.rand(C) + 0.5, torch.randn(C))).to(DEVICE)
+    y = TRITON.op("normalize")(x, coef, residual, True)
+    y64 = REFERENCE.op("normalize")(x.double(), coef.double(), residual.double(), True)
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    # half an ulp of bfloat16 at |y64| = m * 2**e (m in [0.5, 1)) is 2**(e - 9)
+    half_ulp = torch.ldexp(torch.ones_like(y64), torch.frexp(y64).exponent - 9)
+    bound = half_ulp * (1 + 2.0**-12) + 1e-30
+
+    def beyond(t):
+        return ((t.double() - y64).abs() > bound).sum().item()
+
+    twice = (REFERENCE.op("normalize")(x, coef, None, False) + residual).relu()
+    assert beyond(y) == 0 and beyond(twice) > 0  # the bound tells the two apart
+    dy = make_x(shape, torch.bfloat16, layout, mean=0.0, std=1.0)
+    dx, dres = TRITON.op("backward_dx")(dy, x, coef[:0], y, True)
+    assert dx.numel() == 0 and torch.equal(dres, torch.where(y > 0, dy, 0))
+
+
+class _Launches:
+    """Records every kernel launch of the triton backend: (kernel name, constexpr switches)."""
+
+    MODULES = ("forward", "backward", "merge")
+
+    def __init__(self, monkeypatch):
+        self.log = []
+        for module in self.MODULES:
+            mod = importlib.import_module(f"dbn_kernels.triton_kernels.{module}")
+            for name in dir(mod):
+                if name.endswith("_kernel"):
+                    monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
+
+    def _wrap(self, name, kernel):
+        log = self.log
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch_(*args, **kwargs):
+                    log.append((name, {k: v for k, v in kwargs.items() if k.isupper()}))
+                    return kernel[grid](*args, **kwargs)
+                return launch_
+        return Counted()
+
+    def take(self):
+        names = [name for name, _ in self.log]
+        switches = {name: flags for name, flags in self.log}
+        self.log.clear()
+        return names, switches
+
+
+def test_fused_epilogue_adds_no_launch(monkeypatch):
+    """The residual is read in the normalize pass and the ReLU's mask in the reduce and dx
+    passes: the fused ops launch what the unfused ones do (the residual's gradient without input
+    gradient is the one pass more, writing it alone), and a 0-row backward_dx that writes
+    nothing launches nothing."""
+    launches = _Launches(monkeypatch)
+    shape = (2, 3, 4, 5)
+    C = shape[1]
+    x = make_x(shape, torch.float32, "channels_last")
+    residual = make_x(shape, torch.float32, "channels_last", mean=0.0, std=1.0)
+    dy = make_x(shape, torch.float32, "channels_last", mean=0.0, std=1.0)
+    w, b = params(C)
+    forward = ["collect_stats_kernel", "finalize_kernel", "normalize_kernel"]
+    for fused in (False, True):
+        out = _train_step(TRITON, x, w, b, make_state(C), residual if fused else None, fused)
+        names, switches = launches.take()
+        assert names == forward
+        assert switches["normalize_kernel"]["HAS_RESIDUAL"] == switches["normalize_kernel"][
+            "RELU"] == fused
+        TRITON.op("eval_forward")(x, w, b, out[1], out[2], EPS, True, residual if fused else None,
+                                  fused)
+        assert launches.take()[0] == ["eval_normalize_kernel"]
+    backward = ["backward_reduce_kernel", "backward_finalize_kernel", "backward_dx_kernel"]
+    y = out[0]
+    for input_grad, relu_output, residual_grad in itertools.product(
+            (True, False), (None, y), (False, True)):
+        TRITON.op("backward")(dy, x, w, *out[1:], True, input_grad, relu_output, residual_grad)
+        names, switches = launches.take()
+        writes_residual = residual_grad and relu_output is not None
+        assert names == (backward if input_grad or writes_residual else backward[:2])
+        assert switches["backward_reduce_kernel"]["HAS_RELU_OUTPUT"] == (relu_output is not None)
+        if len(names) == 3:
+            assert switches["backward_dx_kernel"]["RESIDUAL_GRAD"] == writes_residual
+            assert switches["backward_dx_kernel"]["INPUT_GRAD"] == input_grad
+    for relu_output, residual_grad in itertools.product((None, y), (False, True)):
+        grad_x, grad_residual = TRITON.op("backward_dx")(dy, x, x.new_empty((0, C)),
+                                                         relu_output, residual_grad)
+        writes_residual = residual_grad and relu_output is not None
+        assert launches.take()[0] == (["backward_dx_kernel"] if writes_residual else [])
+        assert grad_x.numel() == 0 and grad_residual.numel() == (x.numel() if writes_residual
+                                                                 else 0)
 
 
 # ---- launch planning -------------------------------------------------------------------------

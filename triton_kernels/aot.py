@@ -70,24 +70,41 @@ def variants():
                                {"x_ptr": dt, "stack_ptr": "*fp32", "counter_ptr": "*i64",
                                 **stats_args},
                                {**reduce_blocks, **layout, "BUMP_COUNTER": bump}, rp.num_warps))
-        out.append(Variant(fwd.normalize_kernel, {"x_ptr": dt, "y_ptr": dt, "coef_ptr": "*fp32",
-                                           **ew_args}, {**ew_blocks, **layout}, ep.num_warps))
-        for spread_is_std, affine in itertools.product((True, False), (True, False)):
-            out.append(Variant(fwd.eval_normalize_kernel,
-                               {"x_ptr": dt, "y_ptr": dt, "mean_ptr": dt, "spread_ptr": "*fp32",
-                                "weight_ptr": "*fp32", "bias_ptr": dt, "invstd_ptr": "*fp32",
-                                "eps": 1e-5, **ew_args},
-                               {**ew_blocks, **layout, "SPREAD_IS_STD": spread_is_std,
-                                "HAS_WEIGHT": affine, "HAS_BIAS": affine}, ep.num_warps))
-        out.append(Variant(bwd.backward_reduce_kernel,
-                           {"dy_ptr": dt, "x_ptr": dt, "mean_ptr": "*fp32",
-                            "stack_ptr": "*fp32", **reduce_args},
-                           {**reduce_blocks, **layout}, rp.num_warps))
-        for gts in (True, False):
+        # the fused epilogue: (residual, relu), each switch on its own and both
+        for residual, relu in itertools.product((False, True), repeat=2):
+            epilogue = {"HAS_RESIDUAL": residual, "RELU": relu}
+            out.append(Variant(fwd.normalize_kernel,
+                               {"x_ptr": dt, "y_ptr": dt, "coef_ptr": "*fp32", "residual_ptr": dt,
+                                **ew_args}, {**ew_blocks, **layout, **epilogue}, ep.num_warps))
+            for spread_is_std, affine in itertools.product((True, False), (True, False)):
+                out.append(Variant(fwd.eval_normalize_kernel,
+                                   {"x_ptr": dt, "y_ptr": dt, "mean_ptr": dt,
+                                    "spread_ptr": "*fp32", "weight_ptr": "*fp32", "bias_ptr": dt,
+                                    "invstd_ptr": "*fp32", "residual_ptr": dt, "eps": 1e-5,
+                                    **ew_args},
+                                   {**ew_blocks, **layout, "SPREAD_IS_STD": spread_is_std,
+                                    "HAS_WEIGHT": affine, "HAS_BIAS": affine, **epilogue},
+                                   ep.num_warps))
+        for relu_output in (False, True):
+            out.append(Variant(bwd.backward_reduce_kernel,
+                               {"dy_ptr": dt, "x_ptr": dt, "mean_ptr": "*fp32",
+                                "relu_output_ptr": dt, "stack_ptr": "*fp32", **reduce_args},
+                               {**reduce_blocks, **layout, "HAS_RELU_OUTPUT": relu_output},
+                               rp.num_warps))
+        # (input_grad, grad_through_stats) as the dx coefficients' rows 4, 1, 0, crossed with
+        # the ReLU mask and the residual's gradient (written only after a ReLU); 0 rows only
+        # when the pass writes the residual's gradient alone.
+        for (input_grad, gts), (relu_output, residual_grad) in itertools.product(
+                ((True, True), (True, False), (False, False)),
+                ((False, False), (True, False), (True, True))):
+            if not input_grad and not residual_grad:
+                continue
             out.append(Variant(bwd.backward_dx_kernel,
                                {"dy_ptr": dt, "x_ptr": dt, "dx_ptr": dt, "coef_ptr": "*fp32",
-                                **ew_args},
-                               {**ew_blocks, **layout, "GRAD_THROUGH_STATS": gts},
+                                "relu_output_ptr": dt, "grad_residual_ptr": dt, **ew_args},
+                               {**ew_blocks, **layout, "INPUT_GRAD": input_grad,
+                                "GRAD_THROUGH_STATS": gts, "HAS_RELU_OUTPUT": relu_output,
+                                "RESIDUAL_GRAD": residual_grad},
                                ep.num_warps))
 
     fin = launch.finalize_plan(64, 37)

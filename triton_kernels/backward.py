@@ -18,6 +18,11 @@ Centered on m_B rather than folded into B * x + (shift - B * m_B): the folded co
 3. ``backward_dx_kernel``: the element-wise pass; without gradient through the statistics
    dx = A * dy and x is not read at all.
 
+After a fused ReLU (``relu_output``, the forward's y) passes 1 and 3 read dy * (y > 0) in place
+of dy: the mask costs one more read in each, and pass 3 also writes the masked dy as the
+residual's gradient (``residual_grad``), from the registers it is already in. Without input
+gradient the residual's gradient alone still takes pass 3 (x and the coefficients unread).
+
 The ``backward_reduce`` pass adds one launch, ``merge_kernel``, which adds the splits into the
 single (3, C) source it returns.
 """
@@ -30,7 +35,7 @@ import triton.language as tl
 
 from dbn_kernels import reference
 
-from dbn_kernels.ops import dx_coef_rows
+from dbn_kernels.ops import dx_coef_rows, residual_grad_written
 
 from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
                      kernel_input, needs_reference, reduce_plan, same_layout)
@@ -39,10 +44,21 @@ from .tiling import along_channels, elementwise_tile, reduction_tile, store_roun
 
 
 @triton.jit
-def backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, stack_ptr, C, S, M, s_blocks, tiles,
-                           tiles_per_split, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                           CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-                           INT64: tl.constexpr):
+def relu_masked(dy, relu_output_ptr, offs, mask, HAS_RELU_OUTPUT: tl.constexpr):
+    """dy through the forward's fused ReLU: 0 where its output y is not positive. The mask is
+    recovered from y (read with x's offsets), not stored by the forward."""
+    if HAS_RELU_OUTPUT:
+        y = tl.load(relu_output_ptr + offs, mask=mask, other=0.0)
+        dy = tl.where(y > 0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, relu_output_ptr, stack_ptr, C, S, M,
+                           s_blocks, tiles, tiles_per_split, BLOCK_C: tl.constexpr,
+                           BLOCK_R: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                           ALIGN: tl.constexpr, INT64: tl.constexpr,
+                           HAS_RELU_OUTPUT: tl.constexpr):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -66,7 +82,8 @@ def backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, stack_ptr, C, S, M, s_blocks
     count = tl.zeros([], tl.float32)
     for t in range(t_begin, t_end):
         offs, mask = reduction_tile(c, t, C, S, M, s_blocks, BLOCK_R, CHANNELS_LAST, ALIGN, INT64)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = relu_masked(tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32),
+                         relu_output_ptr, offs, mask, HAS_RELU_OUTPUT)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sum_dy += dy
         sum_dy_xc += dy * (x - center)
@@ -121,39 +138,46 @@ def backward_finalize_kernel(stack_ptr, sources, C, weight_ptr, invstd_ptr, batc
 
 
 @triton.jit
-def backward_dx_kernel(dy_ptr, x_ptr, dx_ptr, coef_ptr, C, S, extent_a, b_blocks,
-                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                       ALIGN: tl.constexpr, INT64: tl.constexpr,
-                       GRAD_THROUGH_STATS: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+def backward_dx_kernel(dy_ptr, x_ptr, dx_ptr, coef_ptr, relu_output_ptr, grad_residual_ptr, C, S,
+                       extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                       CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
+                       INPUT_GRAD: tl.constexpr, GRAD_THROUGH_STATS: tl.constexpr,
+                       HAS_RELU_OUTPUT: tl.constexpr, RESIDUAL_GRAD: tl.constexpr,
+                       EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
-    a = along_channels(tl.load(coef_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dx = a * dy
-    if GRAD_THROUGH_STATS:
-        # rows A, m_B, B, shift of the (4, C) coefficients: contiguous vector loads per tile
-        center = along_channels(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0),
-                                CHANNELS_LAST)
-        b = along_channels(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
-                           CHANNELS_LAST)
-        shift = along_channels(tl.load(coef_ptr + 3 * C + chan, mask=chan_mask, other=0.0),
+    dy = relu_masked(tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32),
+                     relu_output_ptr, offs, mask, HAS_RELU_OUTPUT)
+    if RESIDUAL_GRAD:
+        # the residual's gradient is the masked dy: written while it is in registers
+        store_rounded(grad_residual_ptr + offs, dy, mask, EMULATE_RTNE)
+    if INPUT_GRAD:  # off: a pass for the residual's gradient alone
+        a = along_channels(tl.load(coef_ptr + chan, mask=chan_mask, other=0.0), CHANNELS_LAST)
+        dx = a * dy
+        if GRAD_THROUGH_STATS:
+            # rows A, m_B, B, shift of the (4, C) coefficients: contiguous vector loads per tile
+            center = along_channels(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0),
+                                    CHANNELS_LAST)
+            b = along_channels(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
                                CHANNELS_LAST)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dx = dx + ((x - center) * b + shift)
-    store_rounded(dx_ptr + offs, dx, mask, EMULATE_RTNE)
+            shift = along_channels(tl.load(coef_ptr + 3 * C + chan, mask=chan_mask, other=0.0),
+                                   CHANNELS_LAST)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dx = dx + ((x - center) * b + shift)
+        store_rounded(dx_ptr + offs, dx, mask, EMULATE_RTNE)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
 
-def _reduce(dy, xk, geo, mean):
-    """Launch 1: the (splits, 3, C) sums stack."""
+def _reduce(dy, xk, geo, mean, relu_output):
+    """Launch 1: the (splits, 3, C) sums stack, dy masked by ``relu_output`` when given."""
     plan = reduce_plan(geo, xk.element_size(), xk.device)
     stack = torch.empty((plan.splits, 3, geo.C), dtype=torch.float32, device=xk.device)
     backward_reduce_kernel[plan.grid](
-        dy, xk, mean.contiguous(), stack, geo.C, geo.S, geo.M, plan.s_blocks, plan.tiles,
-        plan.tiles_per_split, BLOCK_C=plan.block_c, BLOCK_R=plan.block_r,
-        CHANNELS_LAST=geo.channels_last, ALIGN=geo.align, INT64=geo.int64,
-        num_warps=plan.num_warps)
+        dy, xk, mean.contiguous(), dy if relu_output is None else relu_output, stack, geo.C,
+        geo.S, geo.M, plan.s_blocks, plan.tiles, plan.tiles_per_split, BLOCK_C=plan.block_c,
+        BLOCK_R=plan.block_r, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
+        INT64=geo.int64, HAS_RELU_OUTPUT=relu_output is not None, num_warps=plan.num_warps)
     return stack
 
 
@@ -176,33 +200,55 @@ def _finalize(stack, weight, invstd, batch_mean, batch_invstd, alpha, grad_throu
     return grad_weight, grad_bias, coef
 
 
-def _dx(dy, xk, geo, coef):
-    """Launch 3: dx from the (4, C) or (1, C) coefficients, in ``xk``'s memory order."""
+def _dx(dy, xk, geo, coef, relu_output, residual_grad):
+    """Launch 3: dx from the (4, C) or (1, C) coefficients, and the residual's gradient (the
+    masked dy) when ``residual_grad``, both in ``xk``'s memory order. ``coef`` with 0 rows: the
+    residual's gradient alone. Returns (grad_x, grad_residual), each None when not written."""
+    input_grad = coef.shape[0] > 0
     ew = elementwise_plan(geo, xk.element_size())
-    grad_x = torch.empty_like(xk)
+    grad_x = torch.empty_like(xk) if input_grad else None
+    grad_residual = torch.empty_like(xk) if residual_grad else None
+    unused = dy  # stands in for absent tensors; the kernel never touches it then
     backward_dx_kernel[ew.grid](
-        dy, xk, grad_x, coef, geo.C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
-        BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
-        INT64=geo.int64, GRAD_THROUGH_STATS=coef.shape[0] == 4,
-        EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
-    return grad_x
+        dy, xk, unused if grad_x is None else grad_x, coef if input_grad else unused,
+        unused if relu_output is None else relu_output,
+        unused if grad_residual is None else grad_residual, geo.C, geo.S, ew.extent_a,
+        ew.b_blocks, BLOCK_A=ew.block_a, BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last,
+        ALIGN=geo.align, INT64=geo.int64, INPUT_GRAD=input_grad,
+        GRAD_THROUGH_STATS=coef.shape[0] == 4, HAS_RELU_OUTPUT=relu_output is not None,
+        RESIDUAL_GRAD=residual_grad, EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+    return grad_x, grad_residual
 
 
-def _kernel_inputs(grad_y, x):
-    """x as the kernels read it, its geometry, and dy in x's memory order: dy is read with x's
-    offsets, so another memory format (or an expanded gradient) is copied."""
+def _kernel_inputs(grad_y, x, relu_output):
+    """x as the kernels read it, its geometry, and dy and the ReLU's output in x's memory order:
+    both are read with x's offsets, so another memory format (or an expanded gradient) is
+    copied."""
     xk, geo = kernel_input(x)
-    return xk, geo, same_layout(grad_y, xk, geo)
+    if relu_output is not None:
+        relu_output = same_layout(relu_output, xk, geo)
+    return xk, geo, same_layout(grad_y, xk, geo), relu_output
+
+
+def _outputs(grad_x, grad_residual, xk, x):
+    """grad_x and grad_residual as the ops return them: in x's memory format (see
+    ``as_promised``), and ``(0,)``-empty when not written."""
+    if xk is not x:
+        grad_x = None if grad_x is None else as_promised(grad_x, x)
+        grad_residual = None if grad_residual is None else as_promised(grad_residual, x)
+    # one empty tensor each: outputs of an op may not alias one another
+    return (x.new_empty((0,)) if grad_x is None else grad_x,
+            x.new_empty((0,)) if grad_residual is None else grad_residual)
 
 
 # ---- the passes --------------------------------------------------------------------------------
 
-def backward_reduce(grad_y, x, mean):
+def backward_reduce(grad_y, x, mean, relu_output=None):
     if needs_reference(x):
-        return reference.backward_reduce(grad_y, x, mean)
-    xk, geo, dy = _kernel_inputs(grad_y, x)
+        return reference.backward_reduce(grad_y, x, mean, relu_output)
+    xk, geo, dy, relu_output = _kernel_inputs(grad_y, x, relu_output)
     with device_guard(x):
-        return merge(_reduce(dy, xk, geo, mean), stats=False)
+        return merge(_reduce(dy, xk, geo, mean, relu_output), stats=False)
 
 
 def backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alpha, grad_through_stats,
@@ -215,32 +261,37 @@ def backward_finalize(sums, weight, invstd, batch_mean, batch_invstd, alpha, gra
                          grad_through_stats, input_grad)
 
 
-def backward_dx(grad_y, x, coef):
+def backward_dx(grad_y, x, coef, relu_output=None, residual_grad=False):
     if needs_reference(x):
-        return reference.backward_dx(grad_y, x, coef)
-    xk, geo, dy = _kernel_inputs(grad_y, x)
+        return reference.backward_dx(grad_y, x, coef, relu_output, residual_grad)
+    residual_grad = residual_grad_written(relu_output, residual_grad)
+    if coef.shape[0] == 0 and not residual_grad:
+        return x.new_empty((0,)), x.new_empty((0,))  # nothing to write: no launch
+    xk, geo, dy, relu_output = _kernel_inputs(grad_y, x, relu_output)
     with device_guard(x):
-        grad_x = _dx(dy, xk, geo, coef.to(torch.float32).contiguous())
-    return grad_x if xk is x else as_promised(grad_x, x)
+        grad_x, grad_residual = _dx(dy, xk, geo, coef.to(torch.float32).contiguous(),
+                                    relu_output, residual_grad)
+    return _outputs(grad_x, grad_residual, xk, x)
 
 
 # ---- fused composition -------------------------------------------------------------------------
 
 def backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd, alpha,
-             grad_through_stats, input_grad):
+             grad_through_stats, input_grad, relu_output=None, residual_grad=False):
     """backward_reduce -> backward_finalize -> backward_dx, the splits added in the finalize:
-    3 launches (2 without input gradient)."""
+    3 launches (2 without input gradient, unless the residual's gradient is asked for)."""
     if needs_reference(x):
         return reference.backward(grad_y, x, weight, mean, invstd, batch_mean, batch_invstd,
-                                  alpha, grad_through_stats, input_grad)
-    xk, geo, dy = _kernel_inputs(grad_y, x)
+                                  alpha, grad_through_stats, input_grad, relu_output,
+                                  residual_grad)
+    residual_grad = residual_grad_written(relu_output, residual_grad)
+    xk, geo, dy, relu_output = _kernel_inputs(grad_y, x, relu_output)
     with device_guard(x):
-        stack = _reduce(dy, xk, geo, mean)
+        stack = _reduce(dy, xk, geo, mean, relu_output)
         grad_weight, grad_bias, coef = _finalize(stack, weight, invstd, batch_mean, batch_invstd,
                                                  alpha, grad_through_stats, input_grad)
-        if not input_grad:
-            return x.new_empty((0,)), grad_weight, grad_bias
-        grad_x = _dx(dy, xk, geo, coef)
-    if xk is not x:
-        grad_x = as_promised(grad_x, x)
-    return grad_x, grad_weight, grad_bias
+        grad_x = grad_residual = None
+        if input_grad or residual_grad:
+            grad_x, grad_residual = _dx(dy, xk, geo, coef, relu_output, residual_grad)
+    grad_x, grad_residual = _outputs(grad_x, grad_residual, xk, x)
+    return grad_x, grad_weight, grad_bias, grad_residual

@@ -11,7 +11,9 @@ Training step, three launches and no host synchronisation:
    (the splits of step 1, or whatever stack the caller gives the ``finalize`` pass), computes a_k
    from the counter, applies every buffer update and writes the saved tensors and the
    per-channel (center, scale, shift) = (mu_k, gamma / sig_k, beta).
-3. ``normalize_kernel``: y = (x - center) * scale + shift, a subtract and an FMA per element.
+3. ``normalize_kernel``: y = (x - center) * scale + shift, a subtract and an FMA per element,
+   and the fused epilogue (``+ residual``, ReLU) before the one rounding into x's dtype: the
+   residual costs one more read in this pass, not a pass of its own.
 
 The ``batch_stats`` pass adds one launch, ``merge_kernel``, which collapses the splits into the
 single (3, C) source it returns. Evaluation is one launch, ``eval_normalize_kernel``, which
@@ -31,7 +33,7 @@ import triton.language as tl
 from dbn_kernels import reference
 
 from .launch import (EMULATE_RTNE, as_promised, device_guard, elementwise_plan, finalize_plan,
-                     kernel_input, needs_reference, reduce_plan)
+                     kernel_input, needs_reference, reduce_plan, same_layout)
 from .merge import merge, merge_stats
 from .tiling import along_channels, elementwise_tile, lerp, merge_lanes, reduction_tile, store_rounded
 
@@ -159,9 +161,22 @@ def finalize_kernel(stack_ptr, sources, C, counter_ptr, dbn_mean_ptr, dbn_std_pt
 
 
 @triton.jit
-def normalize_kernel(x_ptr, y_ptr, coef_ptr, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr,
-              BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-              INT64: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+def epilogue(y, residual_ptr, offs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """The fused epilogue relu?(y + residual?) on a float32 tile, before its one rounding. The
+    residual is read with x's offsets (the launchers give it x's memory order)."""
+    if HAS_RESIDUAL:
+        y = y + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        # not tl.maximum: a NaN stays NaN, as with torch.relu
+        y = tl.where(y < 0.0, 0.0, y)
+    return y
+
+
+@triton.jit
+def normalize_kernel(x_ptr, y_ptr, coef_ptr, residual_ptr, C, S, extent_a, b_blocks,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+              ALIGN: tl.constexpr, INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              RELU: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
     # (center, scale, shift), rows of a (3, C) tensor: contiguous vector loads per tile
@@ -171,15 +186,17 @@ def normalize_kernel(x_ptr, y_ptr, coef_ptr, C, S, extent_a, b_blocks, BLOCK_A: 
     shift = along_channels(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0),
                            CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    store_rounded(y_ptr + offs, (x - center) * scale + shift, mask, EMULATE_RTNE)
+    y = epilogue((x - center) * scale + shift, residual_ptr, offs, mask, HAS_RESIDUAL, RELU)
+    store_rounded(y_ptr + offs, y, mask, EMULATE_RTNE)
 
 
 @triton.jit
-def eval_normalize_kernel(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, invstd_ptr, eps,
-                   C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                   CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
-                   SPREAD_IS_STD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+def eval_normalize_kernel(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr, invstd_ptr,
+                   residual_ptr, eps, C, S, extent_a, b_blocks, BLOCK_A: tl.constexpr,
+                   BLOCK_B: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                   INT64: tl.constexpr, SPREAD_IS_STD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                   EMULATE_RTNE: tl.constexpr):
     offs, mask, chan, chan_mask, first = elementwise_tile(
         tl.program_id(0), C, S, extent_a, b_blocks, BLOCK_A, BLOCK_B, CHANNELS_LAST, ALIGN, INT64)
     # A handful of per-channel values per tile: cheaper than a separate launch.
@@ -202,6 +219,7 @@ def eval_normalize_kernel(x_ptr, y_ptr, mean_ptr, spread_ptr, weight_ptr, bias_p
         y = (x - center) * scale + along_channels(shift, CHANNELS_LAST)
     else:
         y = (x - center) * scale
+    y = epilogue(y, residual_ptr, offs, mask, HAS_RESIDUAL, RELU)
     store_rounded(y_ptr + offs, y, mask, EMULATE_RTNE)
 
 
@@ -258,14 +276,22 @@ def _finalize(stack, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     return mean, invstd, batch_mean, batch_invstd, alpha, coef
 
 
-def _normalize(xk, geo, coef):
-    """Launch 3: y = (x - center) * scale + shift, in ``xk``'s memory order."""
+def _residual(residual, xk, geo):
+    """The residual as the element-wise kernels read it: with x's offsets, so another memory
+    format (or an expanded tensor) is copied into x's order."""
+    return None if residual is None else same_layout(residual, xk, geo)
+
+
+def _normalize(xk, geo, coef, residual, relu):
+    """Launch 3: y = relu?((x - center) * scale + shift + residual?), in ``xk``'s memory order
+    (``residual`` already in it)."""
     ew = elementwise_plan(geo, xk.element_size())
     y = torch.empty_like(xk)
     normalize_kernel[ew.grid](
-        xk, y, coef, geo.C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
-        BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
-        INT64=geo.int64, EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+        xk, y, coef, y if residual is None else residual, geo.C, geo.S, ew.extent_a,
+        ew.b_blocks, BLOCK_A=ew.block_a, BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last,
+        ALIGN=geo.align, INT64=geo.int64, HAS_RESIDUAL=residual is not None, RELU=bool(relu),
+        EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
     return y
 
 
@@ -292,44 +318,50 @@ def finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                          alpha_offset)
 
 
-def normalize(x, coef):
+def normalize(x, coef, residual=None, relu=False):
     if needs_reference(x):
-        return reference.normalize(x, coef)
+        return reference.normalize(x, coef, residual, relu)
     xk, geo = kernel_input(x)
+    residual = _residual(residual, xk, geo)
     with device_guard(x):
-        y = _normalize(xk, geo, coef.to(torch.float32).contiguous())
+        y = _normalize(xk, geo, coef.to(torch.float32).contiguous(), residual, relu)
     return y if xk is x else as_promised(y, x)
 
 
 # ---- fused compositions ------------------------------------------------------------------------
 
 def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
-    """batch_stats -> finalize -> normalize, with the splits merged in finalize: 3 launches."""
+                  num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+                  residual=None, relu=False):
+    """batch_stats -> finalize -> normalize, with the splits merged in finalize: 3 launches (the
+    residual and the ReLU are normalize's epilogue)."""
     if needs_reference(x) or not _in_place_ok(running_mean, running_var, dbn_mean, dbn_std):
         # buffers that are not dense vectors are the reference's job too
         return reference.train_forward(x, weight, bias, running_mean, running_var, dbn_mean,
                                        dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
-                                       alpha_power, alpha_offset)
+                                       alpha_power, alpha_offset, residual, relu)
     if ((dbn_mean is not None or (running_mean is not None and momentum is None))
             and num_batches_tracked is None):
         raise ValueError("num_batches_tracked is required for DBN statistics or momentum=None")
     xk, geo = kernel_input(x)
+    residual = _residual(residual, xk, geo)
     with device_guard(x):
         stack = _collect_stats(xk, geo, num_batches_tracked)
         mean, invstd, batch_mean, batch_invstd, alpha, coef = _finalize(
             stack, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
             num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset)
-        y = _normalize(xk, geo, coef)
+        y = _normalize(xk, geo, coef, residual, relu)
     if xk is not x:
         y = as_promised(y, x)
     return y, mean, invstd, batch_mean, batch_invstd, alpha
 
 
-def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
+def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std, residual=None, relu=False):
     if needs_reference(x):
-        return reference.eval_forward(x, weight, bias, mean, spread, eps, spread_is_std)
+        return reference.eval_forward(x, weight, bias, mean, spread, eps, spread_is_std,
+                                      residual, relu)
     xk, geo = kernel_input(x)
+    residual = _residual(residual, xk, geo)
     weight, bias = _per_channel(weight), _per_channel(bias)
     mean, spread = mean.contiguous(), spread.contiguous()
     ew = elementwise_plan(geo, xk.element_size())
@@ -338,11 +370,12 @@ def eval_forward(x, weight, bias, mean, spread, eps, spread_is_std):
     with device_guard(x):
         eval_normalize_kernel[ew.grid](
             xk, y, mean, spread, invstd if weight is None else weight,
-            invstd if bias is None else bias, invstd, float(eps), geo.C, geo.S, ew.extent_a,
-            ew.b_blocks, BLOCK_A=ew.block_a, BLOCK_B=ew.block_b,
-            CHANNELS_LAST=geo.channels_last, ALIGN=geo.align, INT64=geo.int64,
-            SPREAD_IS_STD=bool(spread_is_std), HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
+            invstd if bias is None else bias, invstd, y if residual is None else residual,
+            float(eps), geo.C, geo.S, ew.extent_a, ew.b_blocks, BLOCK_A=ew.block_a,
+            BLOCK_B=ew.block_b, CHANNELS_LAST=geo.channels_last, ALIGN=geo.align,
+            INT64=geo.int64, SPREAD_IS_STD=bool(spread_is_std), HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=bool(relu),
+            EMULATE_RTNE=EMULATE_RTNE, num_warps=ew.num_warps)
     if xk is not x:
         y = as_promised(y, x)
     return y, invstd
