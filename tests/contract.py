@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from dbn_kernels import ops
+from dbn_kernels import _extension, ops
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -39,6 +40,24 @@ class Backend:
 
 
 REFERENCE = Backend("reference", DEVICE)
+
+
+@pytest.fixture(params=["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu),
+                        "emu"])
+def backend(request):
+    """Every backend available here (a test module imports this fixture)."""
+    name = request.param
+    if name == "triton":
+        pytest.importorskip("triton")
+        pytest.importorskip("dbn_kernels.triton_kernels")
+    elif name == "cuda":
+        reason = _extension.load()
+        if reason is not None:
+            pytest.fail(f"a GPU is present but the cuda backend is not: {reason}")
+        return Backend("cuda", "cuda")
+    elif name == "emu":
+        return Backend(request.getfixturevalue("emulation"), "cpu")
+    return Backend(name, DEVICE)
 
 
 @contextlib.contextmanager
@@ -198,8 +217,8 @@ def check_backward(backend, x, dy, w, out, out64, grad_through_stats, input_grad
     grads = backend.op("backward")(dy, x, w, *out[1:], grad_through_stats, input_grad)
     grads64 = REFERENCE.op("backward")(dy.double(), x.double(), dbl(w), *out64[1:],
                                        grad_through_stats, input_grad)
-    dx, gw, gb = grads
-    dx64, gw64, gb64 = grads64
+    dx, gw, gb, _ = grads
+    dx64, gw64, gb64, _ = grads64
     dims = [0, *range(2, x.dim())]
     # sums over M: the float32 error scales with the sum of the terms' magnitudes
     centered = x.double() - out64[1].view(1, -1, *[1] * (x.dim() - 2))
