@@ -8,6 +8,7 @@ Drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d`` (``BatchNorm*d``: plain 
 from . import functional, reference  # noqa: F401  (reference defines dbn::reference_*)
 from .backends import available_backends
 from .convert import convert, revert
+from .fuse import FusionError, fuse, unfuse
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, DiminishingBatchNorm1d,
                       DiminishingBatchNorm2d, DiminishingBatchNorm3d, SyncBatchNorm,
                       SyncDiminishingBatchNorm)
@@ -19,5 +20,6 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "DiminishingBatchNorm1d", "DiminishingBatchNorm2d", "DiminishingBatchNorm3d",
     "SyncBatchNorm", "SyncDiminishingBatchNorm",
-    "Schedule", "inverse_power", "convert", "revert", "available_backends", "functional",
+    "Schedule", "inverse_power", "convert", "revert", "fuse", "unfuse", "FusionError",
+    "available_backends", "functional",
 ]

@@ -161,8 +161,22 @@ def revert(module: nn.Module) -> nn.Module:
     (clamped at 0; ``dbn_std`` includes eps), copies formed in float64; otherwise the layer's own
     running buffers are reused. ``dbn_mean``, ``dbn_std`` and the schedule are dropped: training
     a reverted Diminishing layer is plain batch norm.
+
+    A ``dbn_kernels.fuse`` result is unfused first (``unfuse``: the ReLU and the residual add
+    become torch ops in its graph again); a fused layer elsewhere is refused (torch's layer has
+    no activation), before anything changes.
     """
+    if isinstance(module, torch.fx.GraphModule):
+        from .fuse import unfuse  # fuse imports this module
+
+        unfuse(module)  # the fused epilogues as torch ops again, before the layers go
     if isinstance(module, modules._ProjectNorm):
+        if module.activation is not None:
+            raise ValueError(
+                f"revert cannot turn a {type(module).__name__} with activation="
+                f"{module.activation!r} into torch's batch norm, which has no activation: "
+                "revert the dbn_kernels.fuse result (a GraphModule) as a whole, which unfuses "
+                "it, or set the layer's activation to None and apply the ReLU after it")
         return _revert_layer(module)
     for name, child in module.named_children():
         new = revert(child)
