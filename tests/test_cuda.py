@@ -119,7 +119,7 @@ def test_misaligned_coefficients(runner, offset, width):
         x.double(), None, None, None, None, None, None, None, 0.1, EPS, 1.0, 0.0, 0.0)
     saved = list(out)
     saved[3] = offset_copy(saved[3], offset)  # batch_mean
-    dx, gw, gb = check_backward(runner, x, gy, None, saved, out64, True)
+    dx, gw, gb, _ = check_backward(runner, x, gy, None, saved, out64, True)
     if runner.name == "emu":
         # The fused backward reads its dx coefficients from its own aligned workspace (batch_mean
         # is copied there): full width. The backward_dx pass reads them where the caller put them.
