@@ -61,7 +61,7 @@ def make_layer(case: dict, backend: str, sync: bool, device: str = "cpu"):
                else getattr(dbn, f"DiminishingBatchNorm{dims}d"))
     else:
         cls = dbn.SyncBatchNorm if sync else getattr(dbn, f"BatchNorm{dims}d")
-    layer = cls(case["shape"][1], **options, device=device)
+    layer = cls(case["shape"][1], **options, device=device, activation=case.get("activation"))
     layer.backend = backend  # after construction: "emu" is not a name the layers validate
     if case["affine"]:
         with torch.no_grad():
@@ -109,12 +109,17 @@ def run_layers(cases: list[dict], rank: int, backend: str, device: str = "cpu",
         module = make_layer(case, backend, sync=True, device=device)
         layer = torch.compile(module, fullgraph=True, backend="aot_eager") if compiled else module
         steps = []
-        for x, grad_y in zip(case["x"], case["grad_y"]):
+        residuals = [None if r is None else rank_slice(r, case["splits"], rank).to(device)
+                     for r in case.get("residual") or [None] * (len(case["x"]) + 1)]
+        for x, grad_y, residual in zip(case["x"], case["grad_y"], residuals):
             x = rank_slice(x, case["splits"], rank).to(device).requires_grad_()
-            y = layer(x)
+            if residual is not None:
+                residual.requires_grad_()
+            y = layer(x, residual)
             y.backward(rank_slice(grad_y, case["splits"], rank).to(device))
             steps.append(_on_cpu({
                 "y": y.detach(), "grad_x": x.grad,
+                "grad_residual": None if residual is None else residual.grad,
                 "grad_weight": None if module.weight is None else module.weight.grad,
                 "grad_bias": None if module.bias is None else module.bias.grad,
                 "buffers": buffers(module),
@@ -122,7 +127,8 @@ def run_layers(cases: list[dict], rank: int, backend: str, device: str = "cpu",
             module.zero_grad(set_to_none=True)
         module.eval()
         with torch.no_grad():
-            y_eval = layer(rank_slice(case["x_eval"], case["splits"], rank).to(device))
+            y_eval = layer(rank_slice(case["x_eval"], case["splits"], rank).to(device),
+                           residuals[-1])
         results.append(_on_cpu({"steps": steps, "y_eval": y_eval,
                                 "buffers_after_eval": buffers(module)}))
     return results

@@ -50,6 +50,9 @@ KINDS = {
     "dbn-inverse-power": dict(alpha=("inverse_power", 1.0, 2.0, 0.5), momentum=0.2,
                               affine=True, eval_stats="running"),
     "dbn-stats-constant": dict(alpha=0.5, momentum=0.1, affine=True, grad_through_stats=False),
+    # the fused epilogue: relu(norm(x) + residual), the mask and d_residual local to each rank
+    "dbn-residual-relu": dict(alpha=0.25, momentum=0.1, affine=True, activation="relu",
+                              residual=True),
 }
 TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 SUM_ULPS = 16
@@ -98,7 +101,9 @@ SPECS = {
                   shape=(3, 2, 3, 2))),
     # Interpreted Triton runs each kernel in Python: the layouts and the uneven/empty batches.
     "triton": _matrix(("bn", "dbn-inverse-power"), (torch.float32,), LAYOUTS,
-                      ("uneven", "empty")),
+                      ("uneven", "empty"))
+              + _matrix(("dbn-residual-relu",), (torch.float32,), ("channels_last",),
+                        ("empty",)),
     # The emulation runs every CUDA thread as a CPU thread: each kind once, the layouts and
     # batch splits alternating.
     "emu": [Spec(kind, torch.float32, LAYOUTS[i % 2], ("uneven", "empty")[i % 2], (5, 3, 4))
@@ -168,6 +173,8 @@ def make_case(spec: Spec, world: int, gen: torch.Generator, seed: int) -> dict:
         "x": [draw(3.0 - 0.5 * k, 2.0 + k) for k in range(STEPS)],
         "grad_y": [draw() for _ in range(STEPS)],
         "x_eval": draw(2.0, 1.0),
+        "residual": ([draw(1.0, -1.0) for _ in range(STEPS + 1)]  # the last one for eval
+                     if KINDS[spec.kind].get("residual") else None),
     }
 
 
@@ -233,9 +240,11 @@ def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, b
                         device=device)
     assert not isinstance(single, nn.SyncBatchNorm)
 
+    residuals = case["residual"] or [None] * (STEPS + 1)
     for step, (x, grad_y) in enumerate(zip(case["x"], case["grad_y"])):
         x = x.to(device).requires_grad_()
-        y = single(x)
+        r = None if residuals[step] is None else residuals[step].to(device).requires_grad_()
+        y = single(x, r)
         y.backward(grad_y.to(device))
         got = [r["steps"][step] for r in results]
         msg = lambda m, what="": f"step {step + 1} {what}: {m} ({where})"  # noqa: E731
@@ -243,6 +252,9 @@ def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, b
                                    msg=lambda m: msg(m, "y"))
         torch.testing.assert_close(torch.cat([g["grad_x"] for g in got]), x.grad.cpu(), **tol,
                                    msg=lambda m: msg(m, "grad_x"))
+        if r is not None:
+            assert torch.equal(torch.cat([g["grad_residual"] for g in got]), r.grad.cpu()), \
+                msg("differs", "grad_residual")
         for rank, g in enumerate(got):
             if case["layout"] == "channels_last" and g["y"].dim() == 4 and g["y"].numel():
                 assert g["y"].is_contiguous(memory_format=torch.channels_last), rank
@@ -268,7 +280,8 @@ def test_sync_layer_matches_one_process_on_the_whole_batch(group_run, request, b
 
     single.eval()
     with torch.no_grad():
-        y_eval = single(case["x_eval"].to(device))
+        r = residuals[-1]
+        y_eval = single(case["x_eval"].to(device), None if r is None else r.to(device))
     torch.testing.assert_close(torch.cat([r["y_eval"] for r in results]), y_eval.cpu(), **tol)
     for r in results:  # evaluation changes nothing
         for name in BUFFERS:
