@@ -1,9 +1,12 @@
 """The inputs of one benchmark case and the float64 answers every provider is checked against.
 
-A case is a shape, a dtype and a layout. Its inputs are random (never zeros, which hide unwritten
+A case is a shape, a dtype, a layout and an epilogue (what follows the norm: nothing, ReLU, or a
+residual add then ReLU; see ``shapes.EPILOGUES``). Its inputs are random (never zeros, which hide unwritten
 outputs and can run faster than real data) with a different mean and spread per channel. The
 expected outputs come from the project's reference backend run in float64 on the very values the
-providers see (the input rounded to its dtype, then widened), the project's oracle.
+providers see (the input rounded to its dtype, then widened), the project's oracle. An epilogue is applied to that float64 output (y = relu(y0 + residual)),
+and the backward then starts from the masked dy (dy where the float64 y > 0, else 0), which is
+also the expected gradient of the residual.
 
 Both families start from the same state: the plain batch-norm ("bn") providers use the running
 statistics; the Diminishing ("dbn") providers also start from averaged statistics and a step
@@ -13,13 +16,13 @@ k = 1 step that is plain batch norm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import reference  # noqa: F401  (defines the dbn::reference_* ops)
 from ..ops import op
-from .shapes import DTYPES, Shape, memory_format
+from .shapes import DTYPES, EPILOGUES, Shape, memory_format
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -50,6 +53,15 @@ class CaseInputs:
     running_var: torch.Tensor
     dbn_mean: torch.Tensor
     dbn_std: torch.Tensor
+    residual: torch.Tensor | None = None
+    """x's dtype and layout; added before the ReLU with ``epilogue="add-relu"``."""
+    epilogue: str = "none"
+    """``none``, ``relu`` or ``add-relu``: ``with_epilogue`` gives the same tensors with another."""
+
+    def with_epilogue(self, epilogue: str) -> "CaseInputs":
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"unknown epilogue {epilogue!r}; choose from {', '.join(EPILOGUES)}")
+        return replace(self, epilogue=epilogue)
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +86,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, layout: str, device: torch.dev
 
     per_channel = (1, C, 1, 1)
     x = randn(*shape.dims) * uniform(0.5, 2.0, per_channel) + 2.0 * randn(*per_channel)
-    return CaseInputs(
+    inputs = CaseInputs(
         shape=shape, dtype=dtype, layout=layout,
         x=x.to(dtype).contiguous(memory_format=fmt),
         dy=randn(*shape.dims).to(dtype).contiguous(memory_format=fmt),
@@ -85,12 +97,26 @@ def make_inputs(shape: Shape, dtype: torch.dtype, layout: str, device: torch.dev
         dbn_mean=randn(C),
         dbn_std=uniform(0.5, 2.0, (C,)),
     )
+    # Drawn last, so the other tensors are those of a case without it. Centred on zero, so
+    # relu(y + residual) masks about half the values.
+    inputs.residual = randn(*shape.dims).to(dtype).contiguous(memory_format=fmt)
+    return inputs
 
 
 def expected_outputs(inputs: CaseInputs, family: str, mode: str) -> dict[str, torch.Tensor]:
     """What a correct provider of ``family`` returns for one call in ``mode`` from the initial
-    state, in float64. Keys: y, running_mean, running_var, dbn_mean, dbn_std, dx, dw, db."""
+    state, in float64, with ``inputs.epilogue`` applied. Keys: y, running_mean, running_var,
+    dbn_mean, dbn_std, dx, dw, db, and dresidual for the add-relu epilogue's backward."""
     f64 = torch.float64
+    epilogue = inputs.epilogue
+    residual = inputs.residual if epilogue == "add-relu" else None
+    if epilogue == "add-relu" and residual is None:
+        raise ValueError("the add-relu epilogue needs inputs.residual")
+
+    def apply_epilogue(y0):
+        if epilogue == "none":
+            return y0
+        return torch.relu(y0 if residual is None else y0 + residual.detach().to(f64))
 
     def wide(t):
         return t.detach().to(f64)
@@ -106,22 +132,27 @@ def expected_outputs(inputs: CaseInputs, family: str, mode: str) -> dict[str, to
         else:
             y, _ = op("reference", "eval_forward")(x, weight, bias, running_mean, running_var,
                                                    EPS, False)
-        return {"y": y}
+        return {"y": apply_epilogue(y)}
 
     counter = torch.tensor(STEPS_BEFORE, dtype=torch.long, device=inputs.device)
     schedule = (ALPHA, 0.0, 0.0) if family == "dbn" else (1.0, 0.0, 0.0)
     y, mean, invstd, batch_mean, batch_invstd, alpha = op("reference", "train_forward")(
         x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, counter, MOMENTUM, EPS,
         *schedule)
+    y = apply_epilogue(y)
     forward = {"y": y, "running_mean": running_mean, "running_var": running_var}
     if family == "dbn":
         forward.update(dbn_mean=dbn_mean, dbn_std=dbn_std)
     if mode == "train-fwd":
         return forward
 
+    if epilogue != "none":
+        dy = torch.where(y > 0, dy, torch.zeros_like(dy))
     dx, dw, db, _ = op("reference", "backward")(dy, x, weight, mean, invstd, batch_mean,
                                              batch_invstd, alpha, True, True)
     backward = {"dx": dx, "dw": dw, "db": db}
+    if residual is not None:
+        backward["dresidual"] = dy
     return backward if mode == "bwd" else {**forward, **backward}
 
 

@@ -2,6 +2,7 @@
 
     dbn-bench --suite resnet50 --dtype float32 bfloat16 --layout both \\
               --json out.json --csv out.csv --plot out.png
+    dbn-bench --suite quick --epilogue none relu add-relu   # the fused ReLU / residual epilogue
     dbn-bench --model resnet50                  # images/s of a training step
     dbn-bench --sync-world 2 --device cpu       # cost of the synchronised layers (bench/sync.py)
 """
@@ -16,7 +17,8 @@ import torch
 
 from . import environment, report
 from .providers import provider_names, select
-from .shapes import DTYPES, LAYOUTS, MODES, SUITES, select_shapes, shape_list
+from .shapes import (DTYPES, EPILOGUES, LAYOUTS, MODES, SUITES, select_shapes, shape_list,
+                     traffic)
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
 """1: some row failed its check or errored (or nothing could be timed); 2: bad arguments."""
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "nhwc on a GPU, nchw on CPU)")
     parser.add_argument("--mode", nargs="+", metavar="MODE", default=None,
                         help=f"one or more of {', '.join(MODES)} (default: all)")
+    parser.add_argument("--epilogue", nargs="+", metavar="EPILOGUE", default=None,
+                        help=f"one or more of {', '.join(EPILOGUES)} (default: none): what "
+                             "follows the norm. relu / add-relu: the project's providers time "
+                             "the fused layer (activation='relu', residual passed for add-relu), "
+                             "torch the eager nn.BatchNorm2d [+ residual] then torch.relu, "
+                             "torch-compile that composition compiled; cudnn skips it; kernel "
+                             "suites only")
     parser.add_argument("--providers", nargs="+", metavar="NAME", default=None,
                         help=f"comma-separated subset of {', '.join(provider_names())} "
                              "(default: all that can run here)")
@@ -141,8 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         device = _device(args.device)
         dtypes = _choices(comma_list(args.dtype), list(DTYPES), "dtype")
         modes = _choices(comma_list(args.mode), list(MODES), "mode")
+        epilogues = _choices(comma_list(args.epilogue), list(EPILOGUES), "epilogue")
+        if args.model and epilogues and epilogues != ["none"]:
+            raise UsageError("--epilogue applies to the kernel suites; with --model the "
+                             "<backend>-bn-fused / -dbn-fused variants fuse the model's ReLUs")
         requested = comma_list(args.providers)
-        selection = select(requested, device)
+        if args.model and requested:
+            from .e2e import provider_of_variant
+
+            selection = select(list(dict.fromkeys(map(provider_of_variant, requested))), device)
+        else:
+            selection = select(requested, device)
         if args.plot and (reason := report.plot_available()):
             raise UsageError(reason)
         if args.threads is not None and args.threads < 1:
@@ -168,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.model:
             return _main_model(args, device, dtypes, selection, requested)
-        return _main_kernels(args, device, dtypes, modes, selection)
+        return _main_kernels(args, device, dtypes, modes, selection, epilogues)
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (the tests)
 
@@ -209,13 +227,14 @@ def _write_outputs(args, meta: dict, rows, *, plot: bool) -> None:
         print(f"wrote {path}")
 
 
-def _main_kernels(args, device, dtypes, modes, selection) -> int:
+def _main_kernels(args, device, dtypes, modes, selection, epilogues=None) -> int:
     from .runner import run_benchmark
     from .timing import NOISE_THRESHOLD, Timer, copy_bandwidth
 
     dtypes = dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     layouts = list(LAYOUTS) if args.layout in (None, "both") else [args.layout]
     modes = modes or list(MODES)
+    epilogues = epilogues or ["none"]
     shapes = select_shapes(args.suite, args.batch, args.shapes)
 
     timer = Timer(device)
@@ -225,19 +244,23 @@ def _main_kernels(args, device, dtypes, modes, selection) -> int:
     meta = _meta(f"suite={args.suite}", device, selection, timer.method,
                  threads_set_by=args.threads_set_by, noise_threshold=NOISE_THRESHOLD,
                  suite=args.suite, dtypes=dtypes, layouts=layouts, modes=modes,
+                 epilogues=epilogues,
                  copy_bandwidth={"gbps": bandwidth.gbps, "bytes": bandwidth.nbytes,
                                  "median_ms": bandwidth.timing.median_ms,
                                  "description": bandwidth.description},
-                 byte_model={mode: f"{r}R+{w}W" for mode, (r, w) in MODES.items()})
+                 byte_model={mode + ("" if epilogue == "none" else f"+{epilogue}"):
+                             "{}R+{}W".format(*traffic(mode, epilogue))
+                             for epilogue in epilogues for mode in MODES})
     if device.type == "cpu":
         meta["notes"].append("small tensors stay in the CPU's caches, so %copy can exceed 100")
     print(report.header_text(meta), flush=True)
 
-    total = len(shapes) * len(dtypes) * len(layouts) * len(modes) * len(selection.runnable)
+    total = (len(shapes) * len(dtypes) * len(layouts) * len(modes) * len(epilogues)
+             * len(selection.runnable))
     progress = report.Progress(total, enabled=False if args.no_progress else None)
     try:
         rows = run_benchmark(shapes, dtypes, layouts, modes, selection.runnable, device, timer,
-                             copy_gbps=bandwidth.gbps, progress=progress)
+                             copy_gbps=bandwidth.gbps, progress=progress, epilogues=epilogues)
     finally:
         progress.close()
     print()
@@ -247,7 +270,7 @@ def _main_kernels(args, device, dtypes, modes, selection) -> int:
 
 
 def _main_model(args, device, dtypes, selection, requested) -> int:
-    from .e2e import is_model_variant, run_model_benchmark
+    from .e2e import is_model_variant, model_variants, run_model_benchmark
 
     on_gpu = device.type == "cuda"
     dtypes = dtypes or (["bfloat16"] if on_gpu else ["float32"])
@@ -261,7 +284,7 @@ def _main_model(args, device, dtypes, selection, requested) -> int:
         layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
     batch = args.batch or (64 if on_gpu else 2)
 
-    variants = [p.name for p in selection.runnable if is_model_variant(p.name)]
+    variants = model_variants([p.name for p in selection.runnable], requested)
     # cudnn and torch-compile are kernel providers only: listed when asked for, else left out.
     selection.skipped = [(name, reason) for name, reason in selection.skipped
                          if is_model_variant(name) or requested]

@@ -6,7 +6,12 @@ selects them):
 
 * ``torch``: the model as built, with ``nn.BatchNorm2d`` (PyTorch picks cuDNN or native);
 * ``<backend>-bn``: ``dbn.convert(model, backend=...)``, the project's plain batch norm;
-* ``<backend>-dbn``: ``dbn.convert(model, alpha=0.25, backend=...)``, Diminishing batch norm.
+* ``<backend>-dbn``: ``dbn.convert(model, alpha=0.25, backend=...)``, Diminishing batch norm;
+* ``<backend>-bn-fused``, ``<backend>-dbn-fused``: the same, then ``dbn.fuse`` (a ``torch.fx``
+  GraphModule whose norms carry the ReLU and residual add that follow them, in their kernels).
+
+Without ``--providers`` every project variant runs with and without ``fuse``; ``--providers``
+names variants (``reference-bn-fused`` needs the ``reference-bn`` provider to be available).
 
 Every variant starts from the same weights and trains on the same random batch. A step whose loss
 is not finite is reported as failed. On a GPU the usual training settings apply
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..convert import convert
+from ..fuse import fuse
 from .resnet import resnet50
 from .shapes import DTYPES, memory_format
 from .timing import Timer, TimerSettings, Timing
@@ -37,8 +43,31 @@ CPU_STEP_SETTINGS = TimerSettings(warmup_ms=0.0, budget_ms=0.0, min_reps=3, max_
                                   min_warmup_calls=1)
 
 
+FUSED_SUFFIX = "-fused"
+
+
+def provider_of_variant(name: str) -> str:
+    """``cuda-bn-fused`` -> ``cuda-bn`` (the provider whose availability decides); others as they
+    are."""
+    base = name.removesuffix(FUSED_SUFFIX)
+    return base if base != name and base.endswith(("-bn", "-dbn")) else name
+
+
 def is_model_variant(provider_name: str) -> bool:
-    return provider_name == "torch" or provider_name.endswith(("-bn", "-dbn"))
+    name = provider_of_variant(provider_name)
+    return name == "torch" or name.endswith(("-bn", "-dbn"))
+
+
+def model_variants(providers: list[str], requested: list[str] | None = None) -> list[str]:
+    """The variants for available ``providers``: each project provider gives its converted model
+    and its converted-then-fused one. With ``requested``, only the variants named there."""
+    variants = []
+    for name in providers:
+        if not is_model_variant(name) or name != provider_of_variant(name):
+            continue
+        candidates = [name] if name == "torch" else [name, name + FUSED_SUFFIX]
+        variants += [v for v in candidates if not requested or v in requested]
+    return variants
 
 
 @dataclass
@@ -86,8 +115,10 @@ def _variant_model(base: torch.nn.Module, variant: str) -> torch.nn.Module:
     model = copy.deepcopy(base)
     if variant == "torch":
         return model
-    backend, family = variant.rsplit("-", 1)
-    return convert(model, alpha=0.25 if family == "dbn" else None, backend=backend)
+    fused = variant != provider_of_variant(variant)
+    backend, family = provider_of_variant(variant).rsplit("-", 1)
+    model = convert(model, alpha=0.25 if family == "dbn" else None, backend=backend)
+    return fuse(model) if fused else model
 
 
 def time_training_step(base: torch.nn.Module, variant: str, batch: int, image_size: int,

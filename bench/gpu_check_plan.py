@@ -7,8 +7,8 @@ running them) it writes that list to ``plan.tsv``, one stage a line::
 
 and this module reads it back. A ``dbn-bench`` stage's arguments are parsed by dbn-bench's own
 parser and expanded with the same suite definitions the benchmark uses, so the case count printed
-here is the number of rows the real run produces: shapes x dtypes x layouts x modes x providers
-(for ``--model``: dtypes x layouts x variants). Its GPU time is estimated with the cost model
+here is the number of rows the real run produces: shapes x dtypes x layouts x modes x epilogues
+x providers (for ``--model``: dtypes x layouts x variants). Its GPU time is estimated with the cost model
 below; any other stage (build, tests) is not modelled and counts with its whole time box.
 
 The plan fits when the time boxes of the required stages add up to at most the run's limit, and
@@ -30,9 +30,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from .cli import comma_list, build_parser
-from .e2e import GPU_STEP_SETTINGS, is_model_variant
+from .e2e import FUSED_SUFFIX, GPU_STEP_SETTINGS, is_model_variant
 from .providers import provider_names
-from .shapes import DTYPES, LAYOUTS, MODES, bytes_moved, select_shapes
+from .shapes import DTYPES, EPILOGUES, LAYOUTS, MODES, bytes_moved, select_shapes
 from .timing import GPU_SETTINGS, HIDE_EXTRA_MS, HIDE_MARGIN
 
 # ---- the cost model ---------------------------------------------------------------------------
@@ -201,6 +201,8 @@ def plan_kernels(stage: Stage, args) -> None:
     layouts = _layouts(args)
     modes = _explicit(comma_list(args.mode), "--mode", MODES)
     providers = _explicit(comma_list(args.providers), "--providers", provider_names())
+    # --epilogue's default (none) does not depend on the machine: it need not be stated.
+    epilogues = _explicit(comma_list(args.epilogue) or ["none"], "--epilogue", EPILOGUES)
     budget_ms = args.budget_ms if args.budget_ms is not None else GPU_SETTINGS.budget_ms
     seconds = STAGE_STARTUP_S
     for shape in shapes:
@@ -209,23 +211,30 @@ def plan_kernels(stage: Stage, args) -> None:
             if any(name.startswith("triton-") for name in providers):
                 seconds += len(layouts) * TRITON_JIT_S
             for mode in modes:
-                floor = bytes_moved(shape, DTYPES[dtype], mode)
-                for name in providers:
-                    row = row_seconds(floor, mode, budget_ms)
-                    if name == "torch-compile":
-                        row += TORCH_COMPILE_S
-                    seconds += len(layouts) * row
-    stage.cases = len(shapes) * len(dtypes) * len(layouts) * len(modes) * len(providers)
+                for epilogue in epilogues:
+                    floor = bytes_moved(shape, DTYPES[dtype], mode, epilogue)
+                    for name in providers:
+                        row = row_seconds(floor, mode, budget_ms)
+                        if name == "torch-compile":
+                            row += TORCH_COMPILE_S
+                        seconds += len(layouts) * row
+    stage.cases = (len(shapes) * len(dtypes) * len(layouts) * len(modes) * len(epilogues)
+                   * len(providers))
+    dims = [(shapes, "shape"), (dtypes, "dtype"), (layouts, "layout"), (modes, "mode")]
+    if epilogues != ["none"]:
+        dims.append((epilogues, "epilogue"))
     stage.breakdown = (" x ".join(_count(items, word) for items, word in (
-        (shapes, "shape"), (dtypes, "dtype"), (layouts, "layout"), (modes, "mode"),
-        (providers, "provider"))) + f", {budget_ms:g} ms budget per row")
+        *dims, (providers, "provider"))) + f", {budget_ms:g} ms budget per row")
     stage.estimate_s = seconds
 
 
 def plan_model(stage: Stage, args) -> None:
     dtypes = _explicit(comma_list(args.dtype), "--dtype", ("float32", "bfloat16"))
     layouts = _layouts(args)
-    providers = _explicit(comma_list(args.providers), "--providers", provider_names())
+    names = provider_names()
+    allowed = names + [name + FUSED_SUFFIX for name in names
+                       if is_model_variant(name) and name != "torch"]
+    providers = _explicit(comma_list(args.providers), "--providers", allowed)
     variants = [name for name in providers if is_model_variant(name)]
     if args.batch is None:
         raise PlanError("--batch must be given explicitly")

@@ -12,6 +12,12 @@ Providers (``--providers`` takes these names):
 * ``torch-compile``: ``torch.compile(nn.BatchNorm2d, fullgraph=True, dynamic=False)``, compiled
   afresh for every case so each shape gets kernels specialised to it (torch.compile's best case).
 
+With an epilogue (``--epilogue relu`` / ``add-relu``, carried by ``CaseInputs.epilogue``) the
+project's providers time the fused layer (``activation="relu"``, called with the residual for
+add-relu); ``torch`` times the unfused composition a user writes today (``nn.BatchNorm2d``, then
+``+ residual``, then ``torch.relu``); ``torch-compile`` compiles that same composition (Inductor
+fuses it); ``cudnn`` reports the case as skipped (no fused epilogue there).
+
 A provider's ``setup(inputs, mode)`` returns a function that performs one call in that mode and
 returns its outputs by name (see ``cases.expected_outputs``); the first call starts from the
 case's initial state, so its outputs can be checked before anything is timed. Calls happen as a
@@ -81,38 +87,69 @@ def _buffers(module: nn.Module, family: str) -> Outputs:
 
 def _module_call(module: nn.Module, forward: Callable, inputs: CaseInputs, mode: str,
                  family: str) -> Call:
-    """One call of ``forward`` (the module or a compiled wrapper of it) in ``mode``."""
+    """One call of ``forward`` (the module, a composition holding it or a compiled wrapper) in
+    ``mode``. With the add-relu epilogue ``forward`` takes ``(x, residual)`` and the backward also
+    returns the residual's gradient as ``dresidual``."""
     x, dy = inputs.x, inputs.dy
     params = (module.weight, module.bias)
+    residual = inputs.residual if inputs.epilogue == "add-relu" else None
+
+    def run(x, residual):
+        return forward(x) if residual is None else forward(x, residual)
 
     if mode == "eval-fwd":
         module.eval()
 
         def call():
             with torch.no_grad():
-                return {"y": forward(x)}
+                return {"y": run(x, residual)}
         return call
 
     if mode == "train-fwd":
         def call():
-            return {"y": forward(x), **_buffers(module, family)}
+            return {"y": run(x, residual), **_buffers(module, family)}
         return call
 
     x = x.detach().requires_grad_()
+    wrt = (x, *params)
+    if residual is not None:
+        residual = residual.detach().requires_grad_()
+        wrt += (residual,)
+
+    def grads(y, **kwargs) -> Outputs:
+        out = torch.autograd.grad(y, wrt, dy, **kwargs)
+        named = {"dx": out[0], "dw": out[1], "db": out[2]}
+        if residual is not None:
+            named["dresidual"] = out[3]
+        return named
+
     if mode == "bwd":
         # The forward runs once here; each timed call is the backward alone over the same graph.
-        y = forward(x)
+        y = run(x, residual)
 
         def call():
-            dx, dw, db = torch.autograd.grad(y, (x, *params), dy, retain_graph=True)
-            return {"dx": dx, "dw": dw, "db": db}
+            return grads(y, retain_graph=True)
         return call
 
     def call():  # fwd-bwd
-        y = forward(x)
-        dx, dw, db = torch.autograd.grad(y, (x, *params), dy)
-        return {"y": y, "dx": dx, "dw": dw, "db": db, **_buffers(module, family)}
+        y = run(x, residual)
+        return {"y": y, **grads(y), **_buffers(module, family)}
     return call
+
+
+class _Unfused(nn.Module):
+    """``relu(norm(x))`` or ``relu(norm(x) + residual)`` as a user writes it today: the norm, then
+    separate element-wise ops (the composition ``torch`` and ``torch-compile`` time)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.norm(x)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y)
 
 
 def _project(backend: str, family: str) -> Provider:
@@ -128,12 +165,15 @@ def _project(backend: str, family: str) -> Provider:
 
     def build(inputs: CaseInputs, mode: str) -> Call:
         C = inputs.shape.channels
+        # The epilogue is fused: the layer's own kernels apply the ReLU (and add the residual).
+        activation = None if inputs.epilogue == "none" else "relu"
         if family == "dbn":
             module = DiminishingBatchNorm2d(C, eps=EPS, momentum=MOMENTUM, alpha=ALPHA,
-                                            backend=backend, device=inputs.device)
+                                            backend=backend, device=inputs.device,
+                                            activation=activation)
         else:
             module = BatchNorm2d(C, eps=EPS, momentum=MOMENTUM, backend=backend,
-                                 device=inputs.device)
+                                 device=inputs.device, activation=activation)
         _load_state(module, inputs, family)
         return _module_call(module, module, inputs, mode, family)
 
@@ -159,7 +199,8 @@ def _always_available(device: torch.device) -> str | None:
 def _torch_eager() -> Provider:
     def build(inputs: CaseInputs, mode: str) -> Call:
         module = _torch_batch_norm(inputs)
-        return _module_call(module, module, inputs, mode, "bn")
+        forward = module if inputs.epilogue == "none" else _Unfused(module)
+        return _module_call(module, forward, inputs, mode, "bn")
 
     return Provider(name="torch", family="bn", description="torch.nn.BatchNorm2d, eager",
                     unavailable=_always_available, build=build,
@@ -208,14 +249,17 @@ def _torch_compile() -> Provider:
         module = _torch_batch_norm(inputs)
         if mode == "eval-fwd":
             module.eval()
+        # With an epilogue: the same unfused composition as provider torch, which Inductor fuses.
+        target = module if inputs.epilogue == "none" else _Unfused(module)
         # A fresh cache per case: otherwise the recompile limit would, after a few shapes, make
         # torch.compile fall back to eager without saying so.
         torch._dynamo.reset()
-        compiled = torch.compile(module, fullgraph=True, dynamic=False)
+        compiled = torch.compile(target, fullgraph=True, dynamic=False)
         return _module_call(module, compiled, inputs, mode, "bn")
 
     return Provider(name="torch-compile", family="bn",
-                    description="torch.compile(nn.BatchNorm2d, fullgraph=True, dynamic=False)",
+                    description="torch.compile(nn.BatchNorm2d [+ epilogue], fullgraph=True, "
+                                "dynamic=False)",
                     unavailable=_compile_unavailable, build=build,
                     implementation=lambda call, device: "inductor",
                     opt_in_on_cpu="on CPU torch.compile spends seconds per shape and mode in the "
@@ -238,6 +282,9 @@ def _cudnn() -> Provider:
     cudnn_backward = torch.ops.aten.cudnn_batch_norm_backward
 
     def build(inputs: CaseInputs, mode: str) -> Call:
+        if inputs.epilogue != "none":
+            raise Unsupported(f"cuDNN's batch norm here has no fused activation or residual "
+                              f"(epilogue {inputs.epilogue})")
         x, dy, weight, bias = inputs.x, inputs.dy, inputs.weight, inputs.bias
         running_mean = inputs.running_mean.clone()
         running_var = inputs.running_var.clone()

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from typing import Iterable, Sequence
 
-from .shapes import MODES
+from .shapes import EPILOGUES, MODES
 from .timing import NOISE_THRESHOLD
 
 # ---- progress ---------------------------------------------------------------------------------
@@ -137,13 +137,13 @@ NOISE_FOOTER = textwrap.fill(
 
 
 def kernel_table(rows) -> str:
-    header = ["shape", "dtype", "layout", "mode", "provider", "impl", "median ms",
+    header = ["shape", "dtype", "layout", "mode", "epilogue", "provider", "impl", "median ms",
               "p20-p80 ms", "spread", "GB/s", "%copy", "vs cudnn", "vs torch", "note"]
     lines, previous = [], None
     for row in rows:
-        key = (row.shape.label, row.dtype, row.layout, row.mode)
+        key = (row.shape.label, row.dtype, row.layout, row.mode, getattr(row, "epilogue", "none"))
         # Print a case's description once, on its first provider's line.
-        shown = ["", "", "", ""] if key == previous else list(key)
+        shown = [""] * len(key) if key == previous else list(key)
         previous = key
         timing = row.timing
         p20_p80 = f"{_ms(timing.p20_ms)}-{_ms(timing.p80_ms)}" if timing else "-"
@@ -152,7 +152,7 @@ def kernel_table(rows) -> str:
             *shown, row.provider, row.impl or "-", _ms(row.median_ms), p20_p80, _spread(timing),
             _number(row.gbps, ",.1f"), _number(row.pct_copy, ".0f"),
             _speedup(row, "cudnn"), _speedup(row, "torch"), note])
-    table = _format_table(header, lines, right_aligned={6, 7, 9, 10, 11, 12})
+    table = _format_table(header, lines, right_aligned={7, 8, 10, 11, 12, 13})
     if any(row.noisy for row in rows):
         table += "\n\n" + NOISE_FOOTER
     return table
@@ -210,7 +210,8 @@ def plot_available() -> str | None:
 
 
 def write_plot(path: str, meta: dict, rows) -> None:
-    """GB/s per shape per provider, one panel per (mode, dtype, layout), with the copy line."""
+    """GB/s per shape per provider, one panel per (mode + epilogue, dtype, layout), with the copy
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,7 +220,8 @@ def write_plot(path: str, meta: dict, rows) -> None:
     ok = [row for row in rows if row.status == "ok"]
     if not ok:
         raise ValueError("nothing to plot: no provider was timed")
-    modes = [m for m in MODES if any(row.mode == m for row in ok)]
+    modes = [(m, e) for m in MODES for e in EPILOGUES
+             if any((row.mode, row.epilogue) == (m, e) for row in ok)]
     columns = list(dict.fromkeys((row.dtype, row.layout) for row in ok))
     shapes = list(dict.fromkeys(row.shape.label for row in rows))
     providers = list(dict.fromkeys(row.provider for row in ok))
@@ -229,13 +231,13 @@ def write_plot(path: str, meta: dict, rows) -> None:
                              figsize=(max(6.0, 0.45 * len(shapes) + 2) * len(columns),
                                       3.2 * len(modes)))
     copy_gbps = (meta.get("copy_bandwidth") or {}).get("gbps")
-    for r, mode in enumerate(modes):
+    for r, (mode, epilogue) in enumerate(modes):
         for c, (dtype, layout) in enumerate(columns):
             ax = axes[r][c]
             for index, provider in enumerate(providers):
                 points = {row.shape.label: row.gbps for row in ok
-                          if (row.provider, row.mode, row.dtype, row.layout)
-                          == (provider, mode, dtype, layout)}
+                          if (row.provider, row.mode, row.epilogue, row.dtype, row.layout)
+                          == (provider, mode, epilogue, dtype, layout)}
                 if points:
                     xs = [i for i, label in enumerate(shapes) if label in points]
                     ax.plot(xs, [points[shapes[i]] for i in xs], marker=markers[index % 10],
@@ -243,7 +245,8 @@ def write_plot(path: str, meta: dict, rows) -> None:
             if copy_gbps:
                 ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1,
                            label="device copy")
-            ax.set_title(f"{mode}  {dtype}  {layout}", fontsize=9)
+            label = mode if epilogue == "none" else f"{mode}+{epilogue}"
+            ax.set_title(f"{label}  {dtype}  {layout}", fontsize=9)
             ax.set_ylabel("GB/s (floor bytes)", fontsize=8)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""Check, then time: one ``Row`` per (shape, dtype, layout, mode, provider).
+"""Check, then time: one ``Row`` per (shape, dtype, layout, mode, epilogue, provider).
 
 For each case the inputs are drawn once (fresh random values per case) and the float64 expected
 outputs computed once per family and mode. Each provider is set up, its first call compared with
@@ -52,6 +52,8 @@ class Row:
     checked_output: str = ""
     copy_gbps: float | None = None
     speedup: dict[str, float | None] = field(default_factory=dict)
+    epilogue: str = "none"
+    """What follows the norm (``shapes.EPILOGUES``): part of the case."""
     noisy_speedup: dict[str, bool | None] = field(default_factory=dict)
     """Per baseline: this row or the baseline's row is noisy, so the speed-up is unreliable."""
 
@@ -77,7 +79,7 @@ class Row:
 
     @property
     def case_key(self) -> tuple:
-        return (self.shape.dims, self.dtype, self.layout, self.mode)
+        return (self.shape.dims, self.dtype, self.layout, self.mode, self.epilogue)
 
     def to_dict(self) -> dict:
         timing = self.timing
@@ -89,6 +91,7 @@ class Row:
             "dtype": self.dtype,
             "layout": self.layout,
             "mode": self.mode,
+            "epilogue": self.epilogue,
             "status": self.status,
             "reason": self.reason,
             "impl": self.impl,
@@ -162,11 +165,13 @@ def time_checked(calls: dict[str, Call], rows: dict[str, Row], timer: Timer) -> 
 def run_case(providers: list[Provider], inputs: CaseInputs, mode: str, timer: Timer,
              copy_gbps: float | None,
              progress: Callable[[str], None] | None = None) -> list[Row]:
-    """Every provider's row for one case and mode (see the module docstring for the order)."""
+    """Every provider's row for one case and mode (see the module docstring for the order); the
+    case's epilogue is ``inputs.epilogue``."""
+    epilogue = inputs.epilogue
     rows = {provider.name: Row(provider=provider.name, family=provider.family,
                                shape=inputs.shape, dtype=inputs.dtype_name, layout=inputs.layout,
-                               mode=mode, status="failed",
-                               bytes=bytes_moved(inputs.shape, inputs.dtype, mode),
+                               mode=mode, epilogue=epilogue, status="failed",
+                               bytes=bytes_moved(inputs.shape, inputs.dtype, mode, epilogue),
                                copy_gbps=copy_gbps)
             for provider in providers}
     groups = [[provider] for provider in providers] if timer.is_cuda else [providers]
@@ -175,7 +180,8 @@ def run_case(providers: list[Provider], inputs: CaseInputs, mode: str, timer: Ti
         calls = {}
         for provider in group:
             if progress:
-                progress(f"{inputs.shape.label} {inputs.dtype_name} {inputs.layout} {mode} "
+                label = mode if epilogue == "none" else f"{mode}+{epilogue}"
+                progress(f"{inputs.shape.label} {inputs.dtype_name} {inputs.layout} {label} "
                          f"{provider.name}")
             if provider.family not in expected:
                 expected[provider.family] = expected_outputs(inputs, provider.family, mode)
@@ -206,7 +212,9 @@ def add_speedups(rows: list[Row]) -> None:
 def run_benchmark(shapes: Iterable[Shape], dtypes: list[str], layouts: list[str],
                   modes: list[str], providers: list[Provider], device: torch.device,
                   timer: Timer, copy_gbps: float | None = None,
-                  progress: Callable[[str], None] | None = None) -> list[Row]:
+                  progress: Callable[[str], None] | None = None,
+                  epilogues: Iterable[str] = ("none",)) -> list[Row]:
+    epilogues = list(epilogues)
     rows: list[Row] = []
     seed = 0
     for shape in shapes:
@@ -215,7 +223,9 @@ def run_benchmark(shapes: Iterable[Shape], dtypes: list[str], layouts: list[str]
                 seed += 1
                 inputs = make_inputs(shape, DTYPES[dtype_name], layout, device, seed)
                 for mode in modes:
-                    rows += run_case(providers, inputs, mode, timer, copy_gbps, progress)
+                    for epilogue in epilogues:
+                        rows += run_case(providers, inputs.with_epilogue(epilogue), mode, timer,
+                                         copy_gbps, progress)
                 del inputs
                 if device.type == "cuda":
                     # Large cases: hand freed memory back before the next case's inputs.

@@ -9,6 +9,20 @@ once. It counts the *floor* traffic of the fused design, in units of the x-sized
                                     writing dx)
     fwd-bwd    the sum: 6 reads + 2 writes
 
+The fused epilogue (``--epilogue``: y = relu(norm(x)) or relu(norm(x) + residual), computed in the
+norm's own kernels) adds to these floors, again in x-sized tensors:
+
+    epilogue   train-fwd  eval-fwd  bwd        fwd-bwd
+    none       +0         +0        +0         +0
+    relu       +0         +0        +1R        +1R       (relu is free in the forward; the
+                                                          backward reads y for the mask y > 0)
+    add-relu   +1R        +1R       +1R +1W    +2R +1W   (the forward reads the residual; the
+                                                          backward reads y, writes d_residual)
+
+so fused add-relu fwd-bwd floors at 8 reads + 3 writes. The unfused compositions that providers
+``torch`` and ``torch-compile`` time for an epilogue are charged these same fused floors (what
+they move beyond them is their cost, as elsewhere).
+
 Per-channel vectors (weight, bias, statistics: C values each) are left out; for the shapes here
 they are under 0.1% of the traffic. Every provider is charged the same bytes whatever it actually
 moves, so GB/s is "effective bandwidth" and the ratio of two providers' GB/s is the inverse ratio
@@ -31,6 +45,14 @@ MODES = {
     "bwd": (4, 1),
     "fwd-bwd": (6, 2),
 }
+
+EPILOGUES = {
+    # epilogue: mode -> (extra x-sized reads, extra x-sized writes) over MODES
+    "none": {mode: (0, 0) for mode in MODES},
+    "relu": {"train-fwd": (0, 0), "eval-fwd": (0, 0), "bwd": (1, 0), "fwd-bwd": (1, 0)},
+    "add-relu": {"train-fwd": (1, 0), "eval-fwd": (1, 0), "bwd": (1, 1), "fwd-bwd": (2, 1)},
+}
+"""What follows the norm: nothing, ``relu(y)`` or ``relu(y + residual)``."""
 
 LAYOUTS = ("nchw", "nhwc")
 """``nhwc`` is PyTorch's channels_last memory format of an (N, C, H, W) tensor."""
@@ -63,9 +85,16 @@ class Shape:
         return "x".join(str(d) for d in self.dims)
 
 
-def bytes_moved(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """The floor traffic of one call in ``mode`` (see the module docstring)."""
+def traffic(mode: str, epilogue: str = "none") -> tuple[int, int]:
+    """(x-sized reads, x-sized writes) of one call in ``mode`` with ``epilogue``."""
     reads, writes = MODES[mode]
+    extra_reads, extra_writes = EPILOGUES[epilogue][mode]
+    return reads + extra_reads, writes + extra_writes
+
+
+def bytes_moved(shape: Shape, dtype: torch.dtype, mode: str, epilogue: str = "none") -> int:
+    """The floor traffic of one call in ``mode`` with ``epilogue`` (see the module docstring)."""
+    reads, writes = traffic(mode, epilogue)
     element_size = torch.empty((), dtype=dtype).element_size()
     return (reads + writes) * shape.numel * element_size
 

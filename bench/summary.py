@@ -211,7 +211,15 @@ def geomean(values: list[float]) -> float:
 
 
 def case_key(row: dict) -> tuple:
-    return (tuple(row["shape"]), row["dtype"], row["layout"], row["mode"])
+    """(shape, dtype, layout, mode, epilogue); files written before ``--epilogue`` existed have
+    no epilogue field: their rows are ``none``."""
+    return (tuple(row["shape"]), row["dtype"], row["layout"], row["mode"],
+            row.get("epilogue") or "none")
+
+
+def mode_label(mode: str, epilogue: str | None) -> str:
+    """``fwd-bwd``, ``fwd-bwd+relu``."""
+    return mode if epilogue in (None, "none") else f"{mode}+{epilogue}"
 
 
 def shape_label(key: tuple) -> str:
@@ -291,7 +299,7 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 
 
 def _case(key: tuple) -> str:
-    return f"{shape_label(key)} {key[1]} {key[2]} {key[3]}"
+    return f"{shape_label(key)} {key[1]} {key[2]} {mode_label(key[3], key[4])}"
 
 
 @dataclass
@@ -308,7 +316,9 @@ class Goal:
 
 
 def _is_fwd_bwd(key: tuple) -> bool:
-    return key[3] == "fwd-bwd"
+    """The goals' cases: fwd-bwd of the norm alone (an epilogue's rows compare a fused layer
+    with unfused compositions: reported in the tables, not counted towards the goals)."""
+    return key[3] == "fwd-bwd" and key[4] == "none"
 
 
 def _large_rows(rows: list[dict]) -> list[dict]:
@@ -346,7 +356,7 @@ def check_goals(kernel_rows: list[dict], model_rows: list[dict],
         else:
             goals.append(Goal(goal, name, "-", None))
     for backend in _backends(providers):
-        cost = dbn_cost(medians, backend)
+        cost = dbn_cost(medians, backend, lambda key: key[4] == "none")
         if cost.count:
             goals.append(Goal(f"DBN within {GOAL_DBN_OVER_BN - 1:.0%} of BN (geomean time)",
                               backend, f"DBN/BN {cost.geomean:.3f} over {cost.count} cases",
@@ -521,9 +531,11 @@ def _kernel_section(results: Results) -> list[str]:
     # baselines' rows may come from another file (torch-compile's), matched case by case.
     for file_name, doc in results.kernel_docs:
         doc_rows = [row for row in doc.get("rows", []) if row["mode"] == "fwd-bwd"]
-        for dtype, layout in dict.fromkeys((row["dtype"], row["layout"]) for row in doc_rows):
-            cases = {case_key(row) for row in doc_rows
-                     if (row["dtype"], row["layout"]) == (dtype, layout)}
+        groups = dict.fromkeys((row["dtype"], row["layout"], row.get("epilogue") or "none")
+                               for row in doc_rows)
+        for dtype, layout, epilogue in groups:
+            cases = {key for key in map(case_key, doc_rows)
+                     if (key[1], key[2], key[4]) == (dtype, layout, epilogue)}
             for name in [p for p in providers if any(r["provider"] == p for r in doc_rows)]:
                 cells = []
                 for baseline in BASELINES:
@@ -532,7 +544,8 @@ def _kernel_section(results: Results) -> list[str]:
                                  else "-")
                 worst = speedups(medians, name, "cudnn", cases.__contains__).lowest
                 cells.append(f"{_x(worst[1])} {shape_label(worst[0])}" if worst else "-")
-                lines.append([Path(file_name).stem, dtype, layout, name, *cells])
+                layout_cell = layout if epilogue == "none" else f"{layout} +{epilogue}"
+                lines.append([Path(file_name).stem, dtype, layout_cell, name, *cells])
     if lines:
         out += _table(["run", "dtype", "layout", "backend", "vs cudnn (n)", "vs torch (n)",
                        "vs torch-compile (n)", "worst vs cudnn"], lines)
@@ -541,7 +554,7 @@ def _kernel_section(results: Results) -> list[str]:
     out += ["", "## Kernels: bandwidth on large tensors (x >= 64 MiB), % of device copy", ""]
     large = defaultdict(list)
     for row in _large_rows(rows):
-        large[(row["provider"], row["mode"])].append(row)
+        large[(row["provider"], mode_label(row["mode"], row.get("epilogue")))].append(row)
     if large:
         lines = []
         for (provider, mode), group in large.items():
@@ -556,11 +569,13 @@ def _kernel_section(results: Results) -> list[str]:
     out += ["", "## Kernels: DBN's cost over plain BN on the same backend", ""]
     lines = []
     for backend in _backends(providers):
-        for mode in dict.fromkeys(row["mode"] for row in rows):
-            cost = dbn_cost(medians, backend, lambda key, m=mode: key[3] == m)
+        for mode, epilogue in dict.fromkeys(case_key(row)[3:] for row in rows):
+            cost = dbn_cost(medians, backend,
+                            lambda key, m=(mode, epilogue): (key[3], key[4]) == m)
             if cost.count:
                 key, worst = cost.highest
-                lines.append([backend, mode, str(cost.count), f"{cost.geomean:.3f}",
+                lines.append([backend, mode_label(mode, epilogue), str(cost.count),
+                              f"{cost.geomean:.3f}",
                               f"{worst:.3f} ({_case(key)})"])
     out += (_table(["backend", "mode", "cases", "geomean DBN/BN time", "worst"], lines) if lines
             else ["No case has both a -bn and a -dbn row timed."])

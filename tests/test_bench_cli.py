@@ -329,3 +329,151 @@ def test_quick_suite_on_gpu(tmp_path):
     assert rc == 0, [r["reason"] for r in document["rows"] if r["status"] == "failed"]
     assert {row["impl"] for row in timed if row["provider"] == "torch"} <= {"cudnn", "native"}
     assert any(row["provider"] == "cudnn" for row in timed)
+
+
+# ---- the fused epilogue (--epilogue) and the fused model variant --------------------------------
+
+def test_epilogue_rows_are_checked_and_labelled(tmp_path):
+    out, table = tmp_path / "out.json", tmp_path / "out.csv"
+    assert main(["--shapes", "4x8x4x4", "--layout", "nchw", "--epilogue", "relu,add-relu",
+                 "--providers", "reference-bn,reference-dbn,torch", "--budget-ms", "2",
+                 "--json", str(out), "--csv", str(table), "--no-progress"]) == 0
+    document = json.loads(out.read_text())
+    timed = check_document(document)  # the correctness gate passed for every row
+    assert document["epilogues"] == ["relu", "add-relu"]
+    assert document["byte_model"]["fwd-bwd+add-relu"] == "8R+3W"
+    rows = document["rows"]
+    assert len(timed) == len(rows) == 4 * 2 * 3  # modes x epilogues x providers
+    shape = Shape((4, 8, 4, 4))
+    for row in rows:
+        assert row["epilogue"] in ("relu", "add-relu")
+        assert row["bytes"] == bytes_moved(shape, torch.float32, row["mode"], row["epilogue"])
+        assert row["speedup_vs_torch"] > 0  # compared with torch on the same epilogue
+    assert {(row["mode"], row["epilogue"]) for row in rows} == {
+        (mode, epilogue) for mode in MODES for epilogue in ("relu", "add-relu")}
+    assert "epilogue" in table.read_text().splitlines()[0].split(",")
+
+
+def test_default_epilogue_is_none(tmp_path):
+    out = tmp_path / "out.json"
+    assert main(["--shapes", "4x8x4x4", "--layout", "nchw", "--mode", "train-fwd",
+                 "--providers", "torch", "--budget-ms", "1", "--json", str(out),
+                 "--no-progress"]) == 0
+    document = json.loads(out.read_text())
+    assert document["epilogues"] == ["none"]
+    assert [row["epilogue"] for row in document["rows"]] == ["none"]
+    assert document["byte_model"] == {mode: f"{r}R+{w}W" for mode, (r, w) in MODES.items()}
+
+
+def test_epilogue_usage_errors(capsys):
+    assert main(["--epilogue", "gelu", "--no-progress"]) == 2
+    assert "unknown epilogue gelu" in capsys.readouterr().err
+    assert main(["--model", "resnet50", "--epilogue", "relu", "--no-progress"]) == 2
+    assert "--epilogue applies to the kernel suites" in capsys.readouterr().err
+
+
+def test_epilogue_expected_outputs_and_gate():
+    from dbn_kernels.benchmark.cases import expected_outputs, make_inputs
+
+    shape = Shape((4, 8, 4, 4))
+    inputs = make_inputs(shape, torch.float32, "nhwc", torch.device("cpu"), seed=3)
+    assert inputs.residual.dtype == inputs.x.dtype and inputs.residual.shape == inputs.x.shape
+    assert inputs.residual.is_contiguous(memory_format=torch.channels_last)
+    plain = expected_outputs(inputs, "bn", "fwd-bwd")
+    relu = expected_outputs(inputs.with_epilogue("relu"), "bn", "fwd-bwd")
+    add_relu = expected_outputs(inputs.with_epilogue("add-relu"), "bn", "fwd-bwd")
+    assert "dresidual" not in plain and "dresidual" not in relu
+    torch.testing.assert_close(relu["y"], torch.relu(plain["y"]))
+    y = torch.relu(plain["y"] + inputs.residual.double())
+    torch.testing.assert_close(add_relu["y"], y)
+    torch.testing.assert_close(add_relu["dresidual"],
+                               torch.where(y > 0, inputs.dy.double(), torch.zeros_like(y)))
+    assert 0.2 < float((y > 0).double().mean()) < 0.8  # the mask is neither all nor nothing
+    for name in ("running_mean", "running_var"):  # the statistics do not see the epilogue
+        torch.testing.assert_close(add_relu[name], plain[name])
+
+    # A provider that ignores the epilogue fails the gate, and cuDNN declines it.
+    torch_eager = next(p for p in all_providers() if p.name == "torch")
+    cudnn = next(p for p in all_providers() if p.name == "cudnn")
+
+    def ignores_epilogue(inputs, mode):
+        return torch_eager.setup(inputs.with_epilogue("none"), mode)
+
+    timer = Timer(torch.device("cpu"), TimerSettings(0.0, 1.0, 3, 3))
+    rows = run_benchmark([shape], ["float32"], ["nchw"], ["fwd-bwd"],
+                         [torch_eager, _broken("plain", ignores_epilogue)], torch.device("cpu"),
+                         timer, epilogues=["none", "add-relu"])
+    by_key = {(row.provider, row.epilogue): row for row in rows}
+    assert by_key[("plain", "none")].status == "ok"
+    assert by_key[("torch", "add-relu")].status == "ok"
+    failed = by_key[("plain", "add-relu")]
+    assert failed.status == "failed" and "wrong result" in failed.reason
+    assert "epilogue" in kernel_table(rows) and "add-relu" in kernel_table(rows)
+    with pytest.raises(Unsupported, match="epilogue relu"):
+        cudnn.setup(inputs.with_epilogue("relu"), "fwd-bwd")
+
+
+def test_byte_floors_per_epilogue():
+    from dbn_kernels.benchmark.shapes import EPILOGUES, traffic
+
+    assert set(EPILOGUES) == {"none", "relu", "add-relu"}
+    for mode in MODES:  # none is the model as it was
+        assert traffic(mode) == traffic(mode, "none") == MODES[mode]
+    assert traffic("train-fwd", "relu") == (2, 1)
+    assert traffic("eval-fwd", "relu") == (1, 1)
+    assert traffic("bwd", "relu") == (5, 1)
+    assert traffic("fwd-bwd", "relu") == (7, 2)
+    assert traffic("train-fwd", "add-relu") == (3, 1)
+    assert traffic("eval-fwd", "add-relu") == (2, 1)
+    assert traffic("bwd", "add-relu") == (5, 2)
+    assert traffic("fwd-bwd", "add-relu") == (8, 3)
+    shape = Shape((64, 256, 56, 56))
+    assert bytes_moved(shape, torch.bfloat16, "fwd-bwd", "add-relu") == 11 * shape.numel * 2
+    assert bytes_moved(shape, torch.float32, "bwd", "relu") == 6 * shape.numel * 4
+
+
+def test_gpu_check_plan_counts_epilogues():
+    from dbn_kernels.benchmark.gpu_check_plan import Stage, estimate
+
+    base = ["--suite", "quick", "--dtype", "float32", "--layout", "nhwc", "--mode", "fwd-bwd",
+            "--providers", "cuda-bn,torch"]
+    plain = Stage("k", 600, "required", "dbn-bench", base)
+    fused = Stage("k", 600, "required", "dbn-bench", [*base, "--epilogue", "none,relu,add-relu"])
+    estimate(plain)
+    estimate(fused)
+    assert plain.cases == 3 * 2 and fused.cases == 3 * 3 * 2
+    assert "3 epilogues" in fused.breakdown and "epilogue" not in plain.breakdown
+    assert fused.estimate_s > plain.estimate_s
+    model = Stage("m", 600, "required", "dbn-bench",
+                  ["--model", "resnet50", "--dtype", "bfloat16", "--layout", "nhwc", "--batch",
+                   "64", "--providers", "torch,cuda-bn,cuda-bn-fused"])
+    estimate(model)
+    assert model.cases == 3
+
+
+def test_model_variants_include_fused():
+    from dbn_kernels.benchmark.e2e import _variant_model, model_variants, provider_of_variant
+    from dbn_kernels.benchmark.resnet import ResNet50
+
+    names = ["reference-bn", "reference-dbn", "torch", "cudnn", "torch-compile"]
+    assert model_variants(names) == ["reference-bn", "reference-bn-fused", "reference-dbn",
+                                     "reference-dbn-fused", "torch"]
+    assert model_variants(names, ["torch", "reference-dbn-fused"]) == [
+        "reference-dbn-fused", "torch"]
+    assert provider_of_variant("cuda-dbn-fused") == "cuda-dbn"
+    assert provider_of_variant("torch") == "torch"
+    model = _variant_model(ResNet50(num_classes=10), "reference-dbn-fused")
+    assert isinstance(model, torch.fx.GraphModule)
+    fused = [name for name, what in model.fusions.items() if what in ("relu", "residual+relu")]
+    assert len(fused) == 1 + 16 * 2 + 16  # stem; two per bottleneck; the residual add per block
+
+
+def test_model_resnet50_fused_tiny(tmp_path):
+    out = tmp_path / "model.json"
+    assert main(["--model", "resnet50", "--batch", "4", "--image-size", "32", "--json", str(out),
+                 "--providers", "torch,reference-bn-fused", "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["provider"] for row in rows} == {"torch", "reference-bn-fused"}
+    for row in rows:
+        assert row["status"] == "ok", row["reason"]
+        assert row["images_per_s"] > 0 and math.isfinite(row["final_loss"])
