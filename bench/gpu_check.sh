@@ -51,7 +51,8 @@ MODEL_VARIANTS=torch,cuda-bn,cuda-dbn,triton-bn,triton-dbn
 # minutes; CI runs both).
 GPU_TESTS=(-m gpu tests)
 TRITON_AOT_TEST=tests/test_triton.py::test_every_kernel_variant_compiles_for_sm80_and_sm90
-TRITON_TESTS=(tests/test_triton.py tests/test_op_contract.py -k "not emu and not cuda"
+TRITON_TESTS=(tests/test_triton.py tests/test_op_contract.py tests/test_fused_ops.py
+              tests/test_fused_layers.py -k "not emu and not cuda"
               --deselect "$TRITON_AOT_TEST")
 
 START_S=$(date +%s)

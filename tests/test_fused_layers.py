@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import dbn_kernels as dbn
-from contract import to_layout
+from contract import DEVICE, to_layout
 from layer_backends import prepare_layer_backend
 
-BACKENDS = ["reference", "triton", "emu"]
+BACKENDS = ["reference", "triton", "emu", pytest.param("cuda", marks=pytest.mark.gpu)]
 LAYERS = {
     "bn2d": (dbn.BatchNorm2d, (4, 5, 7, 7)),
     "dbn2d": (dbn.DiminishingBatchNorm2d, (4, 5, 7, 7)),
@@ -29,8 +29,15 @@ def layer_backend(request):
     return prepare_layer_backend(request.param, request)
 
 
+def _device(backend: str) -> str:
+    """Where a backend's tensors live: the emulation takes CPU tensors, the others the GPU's
+    when there is one (Triton runs interpreted on CPU only without one)."""
+    return "cpu" if backend == "emu" else DEVICE
+
+
 def _pair(cls, C, backend, dtype=torch.float32, **kwargs):
-    """A fused layer and an unfused twin with the same state."""
+    """A fused layer and an unfused twin with the same state, on the backend's device."""
+    kwargs["device"] = _device(backend)
     fused = cls(C, activation="relu", dtype=dtype, **kwargs)
     with torch.no_grad():
         fused.weight.uniform_(0.5, 1.5)
@@ -54,11 +61,12 @@ def test_fused_layer_equals_the_composition(layer_backend, layer, layout, with_r
     if layout == "channels_last" and len(shape) == 2:
         pytest.skip("no channels_last for (N, C)")
     fused, plain = _pair(cls, shape[1], layer_backend)
+    dev = _device(layer_backend)
     for training in (True, True, False):  # two steps (a_k < 1 in the second), then eval
         fused.train(training)
         plain.train(training)
-        x = to_layout(torch.randn(shape) * 2 + 1, layout)
-        r = torch.randn(shape) if with_residual else None
+        x = to_layout(torch.randn(shape) * 2 + 1, layout).to(dev)
+        r = torch.randn(shape, device=dev) if with_residual else None
         xf, xp = _leaf(x), _leaf(x)
         rf, rp = (_leaf(r), _leaf(r)) if with_residual else (None, None)
         y = fused(xf, rf)
@@ -84,7 +92,7 @@ def test_fused_layer_equals_the_composition(layer_backend, layer, layout, with_r
 def test_half_precision_fused_layer(layer_backend):
     """bfloat16: the fused add rounds once, the composition twice; they agree to the dtype."""
     fused, plain = _pair(dbn.BatchNorm2d, 6, layer_backend)
-    x = torch.randn(4, 6, 5, 5, dtype=torch.bfloat16)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.bfloat16, device=_device(layer_backend))
     r = torch.randn_like(x)
     y = fused(x, r)
     expected = torch.relu(plain(x) + r)
@@ -96,8 +104,9 @@ def test_residual_only_gradient_flows(layer_backend):
     """Only the residual asks for a gradient (the norm's input is a constant)."""
     fused, _ = _pair(dbn.BatchNorm2d, 3, layer_backend)
     fused.requires_grad_(False)
-    x = torch.randn(2, 3, 4, 4)
-    r = torch.randn(2, 3, 4, 4, requires_grad=True)
+    dev = _device(layer_backend)
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    r = torch.randn(2, 3, 4, 4, device=dev, requires_grad=True)
     y = fused(x, r)
     y.sum().backward()
     assert torch.equal(r.grad, (y > 0).float())
