@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from contract import (BUFFER_ORDER, DEVICE, backend, DTYPES, EPS, LAYOUTS, REFERENCE, Backend, as_double,
-                      assert_buffers_close, assert_low_precision_close, bits, check_backward,
-                      check_eval, check_step, check_train_step, checked_step, dbl, is_nsc, make_state, make_x,
-                      max_err, params, poisoned_allocations, train)
-from dbn_kernels import _extension, ops
+from contract import (BUFFER_ORDER, DTYPES, EPS, LAYOUTS, REFERENCE, as_double,
+                      assert_buffers_close, assert_low_precision_close, backend, bits,
+                      check_backward, check_eval, check_step, check_train_step, checked_step, dbl,
+                      is_nsc, make_state, make_x, max_err, params, poisoned_allocations, train)
+from dbn_kernels import ops
+
+__all__ = ["backend"]  # the fixture (tests/contract.py), imported for pytest
 
 
 # ---- backends ----------------------------------------------------------------------------------
