@@ -21,6 +21,7 @@ struct StepArgs {
   const OptTensor& num_batches_tracked;
   std::optional<double> momentum;
   double eps, alpha_scale, alpha_power, alpha_offset;
+  bool normalize_with_batch;
 };
 
 // What an op's per-channel arguments are checked against: the device, C, the input dtype that

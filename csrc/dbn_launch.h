@@ -129,12 +129,13 @@ struct ElementwisePlan {
   FastDiv div_inner, div_c; // element -> channel for the 32-bit path
 };
 
-// The scalars of a DBN step (the op's float arguments).
+// The scalars of a DBN step (the op's float and bool arguments).
 struct StepScalars {
   float eps = 0.f;
   bool has_momentum = false;  // false: cumulative average, f = 1 / k
   float momentum = 0.f;
   float alpha_scale = 1.f, alpha_power = 0.f, alpha_offset = 0.f;
+  bool normalize_with_batch = false;  // ops.h
 };
 
 // The saved tensors (float32): mu_k, 1/sig_k, m_B, 1/s_B per channel and a_k.

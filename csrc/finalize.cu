@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs a) {
   const float batch_mean = st[1];
   const float batch_var = st[2] / n;  // biased
   const float batch_std = sqrtf(batch_var + a.step.eps);
+  const float batch_invstd = 1.f / batch_std;
 
   float kf = 1.f;
   int64_t k = 1;
@@ -51,10 +52,19 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs a) {
     if (k > 1) {
       alpha = fminf(a.step.alpha_scale * powf(kf + a.step.alpha_offset, -a.step.alpha_power), 1.f);
     }
-    mean = lerp_like_torch(load_param(a.dbn_mean, c), batch_mean, alpha);
-    std = lerp_like_torch(load_param(a.dbn_std, c), batch_std, alpha);
-    store_param(a.dbn_mean, c, mean);
-    store_param(a.dbn_std, c, std);
+    if (a.step.normalize_with_batch) {
+      // The averages are for evaluation only (dbn_std as the inverse of the averaged inverse
+      // std); the step is batch norm's, and so is its gradient (alpha = 1).
+      store_param(a.dbn_mean, c, lerp_like_torch(load_param(a.dbn_mean, c), batch_mean, alpha));
+      store_param(a.dbn_std, c,
+                  1.f / lerp_like_torch(1.f / load_param(a.dbn_std, c), batch_invstd, alpha));
+      alpha = 1.f;
+    } else {
+      mean = lerp_like_torch(load_param(a.dbn_mean, c), batch_mean, alpha);
+      std = lerp_like_torch(load_param(a.dbn_std, c), batch_std, alpha);
+      store_param(a.dbn_mean, c, mean);
+      store_param(a.dbn_std, c, std);
+    }
   }
   const float invstd = 1.f / std;
 
@@ -69,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs a) {
   a.out.mean[c] = mean;
   a.out.invstd[c] = invstd;
   a.out.batch_mean[c] = batch_mean;
-  a.out.batch_invstd[c] = 1.f / batch_std;
+  a.out.batch_invstd[c] = batch_invstd;
   if (c == 0) *a.out.alpha = alpha;
 
   a.coef[c] = mean;

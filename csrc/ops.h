@@ -36,6 +36,10 @@ using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 // with residual_grad (and relu_output) write that masked dy as grad_residual in the same
 // element-wise pass as grad_x, else return it (0,)-empty. residual and relu_output have x's shape
 // and dtype, in any memory format.
+//
+// normalize_with_batch (finalize, train_forward; keyword-only in the schema, last here; ignored
+// without dbn_mean): the step normalizes with the batch statistics and saves batch norm's tensors
+// (alpha = 1), while dbn_mean and dbn_std take the a_k-averages of the mean and the inverse std.
 
 // ---- passes (ops_forward.cpp, ops_backward.cpp) -------------------------------------------------
 Tensor batch_stats(const Tensor& x, const OptTensor& num_batches_tracked);
@@ -44,7 +48,8 @@ Tensors6 finalize(const Tensor& stats, const OptTensor& weight, const OptTensor&
                   const OptTensor& running_mean, const OptTensor& running_var,
                   const OptTensor& dbn_mean, const OptTensor& dbn_std,
                   const OptTensor& num_batches_tracked, std::optional<double> momentum,
-                  double eps, double alpha_scale, double alpha_power, double alpha_offset);
+                  double eps, double alpha_scale, double alpha_power, double alpha_offset,
+                  bool normalize_with_batch);
 Tensor normalize(const Tensor& x, const Tensor& coef, const OptTensor& residual, bool relu);
 Tensor backward_reduce(const Tensor& grad_y, const Tensor& x, const Tensor& mean,
                        const OptTensor& relu_output);
@@ -63,7 +68,7 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
                        const OptTensor& dbn_mean, const OptTensor& dbn_std,
                        const OptTensor& num_batches_tracked, std::optional<double> momentum,
                        double eps, double alpha_scale, double alpha_power, double alpha_offset,
-                       const OptTensor& residual, bool relu);
+                       const OptTensor& residual, bool relu, bool normalize_with_batch);
 // -> (y, invstd)
 Tensors2 eval_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                       const Tensor& mean, const Tensor& spread, double eps, bool spread_is_std,

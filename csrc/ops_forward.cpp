@@ -48,7 +48,8 @@ StackWorkspace collect_stats(const Input& in, int64_t* counter, int64_t extra) {
 StepScalars step_scalars(const StepArgs& s) {
   return {static_cast<float>(s.eps), s.momentum.has_value(),
           static_cast<float>(s.momentum.value_or(0.0)), static_cast<float>(s.alpha_scale),
-          static_cast<float>(s.alpha_power), static_cast<float>(s.alpha_offset)};
+          static_cast<float>(s.alpha_power), static_cast<float>(s.alpha_offset),
+          s.normalize_with_batch};
 }
 
 // Finalize a (sources, 3, C) float32 stack: the buffer updates, the saved tensors, and the
@@ -112,15 +113,18 @@ Tensors6 finalize(const Tensor& stats, const OptTensor& weight, const OptTensor&
                   const OptTensor& running_mean, const OptTensor& running_var,
                   const OptTensor& dbn_mean, const OptTensor& dbn_std,
                   const OptTensor& num_batches_tracked, std::optional<double> momentum,
-                  double eps, double alpha_scale, double alpha_power, double alpha_offset) {
+                  double eps, double alpha_scale, double alpha_power, double alpha_offset,
+                  bool normalize_with_batch) {
   const StepArgs step{weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                      num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset};
+                      num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+                      normalize_with_batch};
   const OpCheck check = OpCheck::stack(DBN_OP_NAME("finalize"), "stats", stats);
   check.step(step);
   if (stats.scalar_type() == at::kDouble) {
     return call_reference<decltype(finalize)>(
         "dbn::reference_finalize", stats, weight, bias, running_mean, running_var, dbn_mean,
-        dbn_std, num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset);
+        dbn_std, num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+        normalize_with_batch);
   }
   const DeviceGuard guard(stats);
   const int64_t C = check.channels();
@@ -153,9 +157,10 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
                        const OptTensor& dbn_mean, const OptTensor& dbn_std,
                        const OptTensor& num_batches_tracked, std::optional<double> momentum,
                        double eps, double alpha_scale, double alpha_power, double alpha_offset,
-                       const OptTensor& residual, bool relu) {
+                       const OptTensor& residual, bool relu, bool normalize_with_batch) {
   const StepArgs step{weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                      num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset};
+                      num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+                      normalize_with_batch};
   const OpCheck check = OpCheck::input(DBN_OP_NAME("train_forward"), x);
   check.step(step);
   check.epilogue_input("residual", residual, x);
@@ -168,7 +173,7 @@ Tensors6 train_forward(const Tensor& x, const OptTensor& weight, const OptTensor
     return call_reference<decltype(train_forward)>(
         "dbn::reference_train_forward", x, weight, bias, running_mean, running_var, dbn_mean,
         dbn_std, num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
-        residual, relu);
+        residual, relu, normalize_with_batch);
   }
   const DeviceGuard guard(x);
   const auto fopts = float_options(x);

@@ -30,7 +30,7 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # The arguments after the differentiable ones: (x, weight, bias, residual) of the Function and
 # (x, weight, bias) of its twin, which takes no epilogue (see ``TransformableFunction``).
-_NO_GRADS = (None,) * 13
+_NO_GRADS = (None,) * 14
 
 
 def transforms_active() -> bool:
@@ -100,20 +100,26 @@ def _refuse_synchronised(group, what: str) -> None:
 
 def run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats, backend,
-                group=None, residual=None, relu=False):
+                group=None, normalize_with_batch=False, residual=None, relu=False):
     """The backend's forward op: ``y`` and what backward needs, ``(mean, invstd, batch_mean,
     batch_invstd, alpha)``. Called by the Function below, and directly when no gradient will be
     asked for (no graph to record: inference, ``torch.no_grad()``). ``group``: a process group
-    whose statistics a training step uses (``None``: this device's batch alone). ``residual``,
-    ``relu``: the fused epilogue, y = relu?(normalized + residual?)."""
+    whose statistics a training step uses (``None``: this device's batch alone).
+    ``normalize_with_batch``: the authors' variant of the training step (see ``ops``).
+    ``residual``, ``relu``: the fused epilogue, y = relu?(normalized + residual?)."""
     if training and group is not None:
         return sync.train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                                   num_batches_tracked, momentum, eps, alpha_params, backend, group,
-                                  residual, relu)
+                                  residual, relu, normalize_with_batch)
     if training:
-        y, *saved = op(backend, "train_forward")(
-            x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-            num_batches_tracked, momentum, eps, *alpha_params, residual, relu)
+        train = op(backend, "train_forward")
+        if normalize_with_batch:
+            y, *saved = train(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                              num_batches_tracked, momentum, eps, *alpha_params, residual, relu,
+                              normalize_with_batch=True)
+        else:  # no keyword to parse: the common call stays the cheapest
+            y, *saved = train(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
+                              num_batches_tracked, momentum, eps, *alpha_params, residual, relu)
         return y, saved
     mean, spread, spread_is_std = _eval_statistics(running_mean, running_var, dbn_mean, dbn_std,
                                                    eval_stats)
@@ -136,14 +142,16 @@ def _eval_saved(mean, invstd):
 
 
 def _forward_as_passes(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                       num_batches_tracked, training, momentum, eps, alpha_params, eval_stats):
+                       num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
+                       normalize_with_batch):
     """``run_forward`` on the reference passes called as Python functions (not as ops), which
     vmap can batch. Out of place wherever an operand may be batched when another is not."""
     if training:
         stats = reference.batch_stats(x, num_batches_tracked)
         *saved, coef = reference.finalize(
             stats.unsqueeze(0), weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-            num_batches_tracked, momentum, eps, *alpha_params)
+            num_batches_tracked, momentum, eps, *alpha_params,
+            normalize_with_batch=normalize_with_batch)
         return reference.normalize(x, coef), saved
     mean, spread, spread_is_std = _eval_statistics(running_mean, running_var, dbn_mean, dbn_std,
                                                    eval_stats)
@@ -190,10 +198,10 @@ class DiminishingBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
-                grad_through_stats, backend, group, relu):
+                grad_through_stats, backend, group, normalize_with_batch, relu):
         y, saved = run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                                num_batches_tracked, training, momentum, eps, alpha_params,
-                               eval_stats, backend, group, residual, relu)
+                               eval_stats, backend, group, normalize_with_batch, residual, relu)
         if not training:
             grad_through_stats, group = False, None
         _store(ctx, x, weight, bias, saved, eps, grad_through_stats, backend, group,
@@ -215,16 +223,16 @@ class TransformableFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                 num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
-                grad_through_stats, backend, group):
+                grad_through_stats, backend, group, normalize_with_batch):
         y, saved = run_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                                num_batches_tracked, training, momentum, eps, alpha_params,
-                               eval_stats, backend, group)
+                               eval_stats, backend, group, normalize_with_batch)
         return (y, *saved) if training else (y, saved[1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, _, training, _, eps, _,
-         eval_stats, grad_through_stats, backend, group) = inputs
+         eval_stats, grad_through_stats, backend, group, _) = inputs
         _, *stats = output
         if training:
             saved = stats
@@ -251,7 +259,7 @@ class TransformableFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
              num_batches_tracked, training, momentum, eps, alpha_params, eval_stats,
-             grad_through_stats, backend, group):
+             grad_through_stats, backend, group, normalize_with_batch):
         # The backend ops have no batching rule; the reference passes, run as ordinary ops under
         # a nested vmap, give every sample its own step.
         _refuse_synchronised(group, "vmap")
@@ -268,7 +276,8 @@ class TransformableFunction(torch.autograd.Function):
                         "layer in eval mode, or use track_running_stats=False")
 
         def step(*t):
-            y, saved = _forward_as_passes(*t, training, momentum, eps, alpha_params, eval_stats)
+            y, saved = _forward_as_passes(*t, training, momentum, eps, alpha_params, eval_stats,
+                                          normalize_with_batch)
             return (y, *saved) if training else (y, saved[1])
 
         outputs = torch.vmap(step, in_dims=dims)(*tensors)

@@ -69,7 +69,7 @@ def _to_sync(layer: nn.Module, process_group) -> nn.Module:
         new = modules.SyncDiminishingBatchNorm(
             layer.num_features, **common, process_group=process_group, alpha=layer.alpha,
             eval_stats=layer.eval_stats, grad_through_stats=layer.grad_through_stats,
-            activation=layer.activation)
+            activation=layer.activation, normalize_with=layer.normalize_with)
         return _adopt(new, layer, _SHARED + ("dbn_mean", "dbn_std"))
     new = modules.SyncBatchNorm(layer.num_features, **common, process_group=process_group,
                                 activation=layer.activation)
@@ -83,7 +83,7 @@ def convert(module: nn.Module, *, alpha=None, sync: bool = False, process_group=
     ``torch.nn.BatchNorm1d/2d/3d`` becomes, with ``alpha=None``, the plain ``BatchNorm*d`` (same
     numbers, faster kernels), with any other ``alpha`` the ``DiminishingBatchNorm*d`` with that
     schedule, its averages seeded from the running statistics. Extra keywords (``eval_stats``,
-    ``grad_through_stats``) go to the new layers.
+    ``grad_through_stats``, ``normalize_with``) go to the new layers.
 
     ``sync=True`` gives the layers that normalise with the statistics of every rank of
     ``process_group`` (default: the whole default group) in training: ``SyncBatchNorm`` or

@@ -14,12 +14,14 @@ from .schedules import AlphaLike, HostSchedule, as_schedule
 __all__ = ["batch_norm", "diminishing_batch_norm"]
 
 EVAL_STATS = ("dbn", "running")
+NORMALIZE_WITH = ("average", "batch")
 _BN_SCHEDULE = (1.0, 0.0, 0.0)  # a_k = 1: plain batch norm
 
 
 def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                num_batches_tracked, *, training, momentum, eps, alpha_params, eval_stats,
-               grad_through_stats, backend, process_group, residual, activation):
+               grad_through_stats, backend, process_group, residual, activation,
+               normalize_with_batch=False):
     relu = check_epilogue(x, residual, activation)
     use_batch_stats = training or (running_mean is None and dbn_mean is None)
     # Statistics cross ranks in training only; eval is local, as in torch.nn.SyncBatchNorm.
@@ -56,7 +58,7 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         return _epilogue(y if bias is None else y + bias.view(shape), residual, relu)
     args = (x, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
             use_batch_stats, momentum, eps, alpha_params, eval_stats, grad_through_stats, name,
-            group)
+            group, normalize_with_batch)
     if transforms_active():
         # The transform rules cover the normalization; the epilogue, as ordinary ops, gets
         # torch's own (unfused: a transform is not the fast path).
@@ -65,7 +67,7 @@ def _normalize(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                                          or _requires_grad(bias) or _requires_grad(residual))):
         # No gradient can be asked for: the op alone, without recording a graph (the Function's
         # machinery is a third of an eval call's host time on a GPU).
-        return run_forward(*args[:13], name, group, residual, relu)[0]
+        return run_forward(*args[:13], name, group, normalize_with_batch, residual, relu)[0]
     return DiminishingBatchNormFunction.apply(*args[:3], residual, *args[3:], relu)
 
 
@@ -166,13 +168,22 @@ def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std:
                            grad_through_stats: bool = True,
                            backend: str = "auto", process_group=None,
                            residual: torch.Tensor | None = None,
-                           activation: str | None = None) -> torch.Tensor:
+                           activation: str | None = None,
+                           normalize_with: str = "average") -> torch.Tensor:
     """Diminishing batch norm (Ma & Klabjan, Algorithm 1): normalise with the a_k-weighted
     average of the batch mean and standard deviation, kept in ``dbn_mean``/``dbn_std`` and
     updated in training. PyTorch's ``running_mean``/``running_var`` are updated alongside when
-    given. ``process_group``, ``residual`` and ``activation`` as in ``batch_norm``."""
+    given. ``process_group``, ``residual`` and ``activation`` as in ``batch_norm``.
+
+    ``normalize_with="batch"``: the authors' released variant instead. Training normalises with
+    the batch statistics and batch norm's gradient; ``dbn_mean`` and the inverse std
+    1/sqrt(var + eps) are a_k-averaged for evaluation, ``dbn_std`` holding the reciprocal of the
+    latter average (the std evaluation divides by)."""
     if eval_stats not in EVAL_STATS:
         raise ValueError(f"eval_stats must be one of {EVAL_STATS}, got {eval_stats!r}")
+    if normalize_with not in NORMALIZE_WITH:
+        raise ValueError(
+            f"normalize_with must be one of {NORMALIZE_WITH}, got {normalize_with!r}")
     if dbn_mean is None or dbn_std is None or num_batches_tracked is None:
         raise ValueError("diminishing_batch_norm needs dbn_mean, dbn_std and num_batches_tracked")
     schedule = as_schedule(alpha)
@@ -184,4 +195,5 @@ def diminishing_batch_norm(input: torch.Tensor, dbn_mean: torch.Tensor, dbn_std:
                       num_batches_tracked, training=training, momentum=momentum, eps=eps,
                       alpha_params=alpha_params, eval_stats=eval_stats,
                       grad_through_stats=bool(grad_through_stats), backend=backend,
-                      process_group=process_group, residual=residual, activation=activation)
+                      process_group=process_group, residual=residual, activation=activation,
+                      normalize_with_batch=normalize_with == "batch")

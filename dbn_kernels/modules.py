@@ -19,7 +19,7 @@ from torch.fx import Proxy
 
 from . import backends
 from ._checks import check_activation, check_rank
-from .functional import EVAL_STATS, batch_norm, diminishing_batch_norm
+from .functional import EVAL_STATS, NORMALIZE_WITH, batch_norm, diminishing_batch_norm
 from .schedules import AlphaLike, as_schedule
 from .sync import group_or_default
 
@@ -139,14 +139,14 @@ class _DiminishingMixin(_ProjectNorm):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, alpha: AlphaLike = 0.25, eval_stats: str = "dbn",
                  grad_through_stats: bool = True, backend: str = "auto",
-                 activation: str | None = None) -> None:
+                 activation: str | None = None, normalize_with: str = "average") -> None:
         self._setup_diminishing(num_features, eps, momentum, affine, track_running_stats, device,
                                 dtype, bias, alpha, eval_stats, grad_through_stats, backend,
-                                activation)
+                                activation, normalize_with)
 
     def _setup_diminishing(self, num_features, eps, momentum, affine, track_running_stats,
                            device, dtype, bias, alpha, eval_stats, grad_through_stats, backend,
-                           activation, **torch_kwargs):
+                           activation, normalize_with, **torch_kwargs):
         if not track_running_stats:
             raise self._needs_tracking()
         self._setup(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
@@ -157,9 +157,10 @@ class _DiminishingMixin(_ProjectNorm):
         self.alpha = alpha
         self.eval_stats = eval_stats
         self.grad_through_stats = grad_through_stats
+        self.normalize_with = normalize_with
 
-    # alpha and eval_stats are plain attributes a user may change between steps; assignment
-    # validates so that a bad value fails where it is set, naming the argument.
+    # alpha, eval_stats and normalize_with are plain attributes a user may change between steps;
+    # assignment validates so that a bad value fails where it is set, naming the argument.
     @property
     def alpha(self):
         return self._alpha
@@ -177,6 +178,16 @@ class _DiminishingMixin(_ProjectNorm):
         if value not in EVAL_STATS:
             raise ValueError(f"eval_stats must be one of {EVAL_STATS}, got {value!r}")
         self._eval_stats = value
+
+    @property
+    def normalize_with(self) -> str:
+        return self._normalize_with
+
+    @normalize_with.setter
+    def normalize_with(self, value: str) -> None:
+        if value not in NORMALIZE_WITH:
+            raise ValueError(f"normalize_with must be one of {NORMALIZE_WITH}, got {value!r}")
+        self._normalize_with = value
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -201,7 +212,7 @@ class _DiminishingMixin(_ProjectNorm):
             self.running_mean, self.running_var, self.training, self._alpha, self.momentum,
             self.eps, eval_stats=self._eval_stats, grad_through_stats=self.grad_through_stats,
             backend=self.backend, process_group=self._process_group(), residual=residual,
-            activation=self._activation)
+            activation=self._activation, normalize_with=self._normalize_with)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -217,7 +228,8 @@ class _DiminishingMixin(_ProjectNorm):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", alpha={self._alpha!r}, eval_stats={self._eval_stats!r}"
-                f", grad_through_stats={self.grad_through_stats}, backend={self.backend!r}"
+                f", grad_through_stats={self.grad_through_stats}"
+                f", normalize_with={self._normalize_with!r}, backend={self.backend!r}"
                 + self._epilogue_repr())
 
 
@@ -254,6 +266,11 @@ class DiminishingBatchNorm2d(_DiminishingMixin, nn.BatchNorm2d):
     safe). ``eval_stats='dbn'`` evaluates with the averaged statistics, ``'running'`` with
     PyTorch's running statistics (updated alongside). ``grad_through_stats=False`` treats the
     statistics as constants in backward.
+
+    ``normalize_with='batch'`` is the authors' released variant: training normalises with the
+    batch statistics (batch norm's forward and gradient) while ``dbn_mean`` and the inverse std
+    are a_k-averaged for evaluation (``dbn_std`` = 1 / the averaged inverse std).
+    ``'average'`` (default) is Algorithm 1 as printed.
     """
 
     _torch_cls, _dims = nn.BatchNorm2d, 2
@@ -317,7 +334,8 @@ class SyncDiminishingBatchNorm(_SyncMixin, _DiminishingMixin, nn.SyncBatchNorm):
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
                  device=None, dtype=None, *, bias: bool = True, alpha: AlphaLike = 0.25,
                  eval_stats: str = "dbn", grad_through_stats: bool = True,
-                 backend: str = "auto", activation: str | None = None) -> None:
+                 backend: str = "auto", activation: str | None = None,
+                 normalize_with: str = "average") -> None:
         self._setup_diminishing(num_features, eps, momentum, affine, track_running_stats, device,
                                 dtype, bias, alpha, eval_stats, grad_through_stats, backend,
-                                activation, process_group=process_group)
+                                activation, normalize_with, process_group=process_group)

@@ -65,6 +65,9 @@ NAMESPACE = "dbn"
 _BUFFERS = ("Tensor(a!)? running_mean, Tensor(b!)? running_var, "
             "Tensor(c!)? dbn_mean, Tensor(d!)? dbn_std")
 _STEP = "float? momentum, float eps, float alpha_scale, float alpha_power, float alpha_offset"
+# The authors' variant (keyword-only, last, so that positional callers are unaffected): normalize
+# with the batch statistics and BN's gradient, alpha-average the mean and the inverse std.
+_VARIANT = "bool normalize_with_batch=False"
 _SAVED = "Tensor mean, Tensor invstd, Tensor batch_mean, Tensor batch_invstd, Tensor alpha"
 # The fused epilogue y = relu?(normalized + residual?), and what its backward reads: the ReLU
 # mask from the saved output (y > 0), the residual's gradient from the same element-wise pass.
@@ -76,7 +79,7 @@ SCHEMAS = {
     "batch_stats": "(Tensor x, Tensor(a!)? num_batches_tracked) -> Tensor",
     "finalize": (
         f"(Tensor stats, Tensor? weight, Tensor? bias, {_BUFFERS}, "
-        f"Tensor? num_batches_tracked, {_STEP}) -> ({_SAVED}, Tensor coef)"),
+        f"Tensor? num_batches_tracked, {_STEP}, *, {_VARIANT}) -> ({_SAVED}, Tensor coef)"),
     "normalize": f"(Tensor x, Tensor coef, {_EPILOGUE}) -> Tensor",
     "backward_reduce": "(Tensor grad_y, Tensor x, Tensor mean, Tensor? relu_output=None) -> Tensor",
     "backward_finalize": (
@@ -89,7 +92,8 @@ SCHEMAS = {
     # ---- fused single-device compositions ----
     "train_forward": (
         f"(Tensor x, Tensor? weight, Tensor? bias, {_BUFFERS}, "
-        f"Tensor(e!)? num_batches_tracked, {_STEP}, {_EPILOGUE}) -> (Tensor y, {_SAVED})"),
+        f"Tensor(e!)? num_batches_tracked, {_STEP}, {_EPILOGUE}, *, {_VARIANT}) "
+        f"-> (Tensor y, {_SAVED})"),
     "eval_forward": (
         "(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor spread, float eps, "
         f"bool spread_is_std, {_EPILOGUE}) -> (Tensor y, Tensor invstd)"),
@@ -107,6 +111,11 @@ SCHEMAS = {
   incremented value as k (a_k, and f = 1/k for ``momentum=None``).
 * ``finalize``: the batch variance is M2 / n and PyTorch's ``running_var`` takes M2 / (n - 1),
   n the total count of the stack.
+* ``normalize_with_batch`` (``finalize``, ``train_forward``; ignored without ``dbn_mean``): the
+  step normalizes with the batch statistics, and its saved tensors are those of batch norm
+  (mean = batch_mean, invstd = batch_invstd, alpha = 1: BN's gradient), while the buffers take
+  ``dbn_mean <- lerp(dbn_mean, m_B, a_k)`` and ``dbn_std <- 1 / lerp(1 / dbn_std, 1 / s_B, a_k)``
+  (the average of the inverse std, which evaluation divides by).
 * ``eval_forward``: ``spread`` is ``dbn_std`` (``spread_is_std``) or ``running_var`` (then
   invstd = 1/sqrt(var + eps)).
 * ``backward``/``backward_finalize``: ``alpha`` is read only when ``grad_through_stats``;
@@ -151,7 +160,8 @@ def _fake_batch_stats(x, num_batches_tracked):
 
 
 def _fake_finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-                   num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+                   num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+                   *, normalize_with_batch=False):
     C = stats.shape[-1]
     return (*_saved(stats, C, stats.dtype), _per_channel(stats, C, stats.dtype, rows=3))
 
@@ -188,7 +198,7 @@ def _fake_backward_dx(grad_y, x, coef, relu_output=None, residual_grad=False):
 
 def _fake_train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                         num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
-                        residual=None, relu=False):
+                        residual=None, relu=False, *, normalize_with_batch=False):
     return (empty_like_preserving(x), *_saved(x, x.shape[1], stat_dtype(x)))
 
 

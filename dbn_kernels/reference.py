@@ -86,12 +86,23 @@ def _masked(grad_y: torch.Tensor, relu_output: torch.Tensor | None) -> torch.Ten
 
 
 def _average(batch_mean, batch_std, batch_invstd, unbiased_var, running_mean, running_var,
-             dbn_mean, dbn_std, k, momentum, alpha_scale, alpha_power, alpha_offset):
+             dbn_mean, dbn_std, k, momentum, alpha_scale, alpha_power, alpha_offset,
+             normalize_with_batch=False):
     """a_k from the (already incremented) counter ``k`` and every buffer update; returns the
     statistics the step normalizes with, ``(mean, invstd, alpha)``. ``unbiased_var`` (PyTorch's
-    running_var input) is read only with running statistics."""
+    running_var input) is read only with running statistics. ``normalize_with_batch``: the
+    authors' variant (see ``ops``), batch statistics with a_k = 1 for the step, the averages
+    (of the mean and of the inverse std) for evaluation only."""
     acc = batch_mean.dtype
-    if dbn_mean is not None:
+    if dbn_mean is not None and normalize_with_batch:
+        alpha = schedule_alpha(k, alpha_scale, alpha_power, alpha_offset, acc)
+        dbn_mean.copy_(torch.lerp(_as(dbn_mean, acc), batch_mean, alpha))
+        inv_average = torch.lerp(_as(dbn_std, acc).reciprocal(), batch_invstd, alpha)
+        dbn_std.copy_(inv_average.reciprocal_())
+        alpha = batch_mean.new_ones(())
+        mean = batch_mean.clone()  # op outputs may not alias each other
+        invstd = batch_invstd.clone()
+    elif dbn_mean is not None:
         alpha = schedule_alpha(k, alpha_scale, alpha_power, alpha_offset, acc)
         mean = torch.lerp(_as(dbn_mean, acc), batch_mean, alpha)
         std = torch.lerp(_as(dbn_std, acc), batch_std, alpha)
@@ -147,7 +158,8 @@ def merge_stats(stats: torch.Tensor):
 
 
 def finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-             num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+             num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset, *,
+             normalize_with_batch=False):
     n, batch_mean, m2 = merge_stats(stats)
     batch_var = m2 / n
     batch_std = batch_var.add(eps).sqrt_()
@@ -156,7 +168,7 @@ def finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     mean, invstd, alpha = _average(batch_mean, batch_std, batch_invstd, unbiased_var,
                                    running_mean, running_var, dbn_mean, dbn_std,
                                    num_batches_tracked, momentum, alpha_scale, alpha_power,
-                                   alpha_offset)
+                                   alpha_offset, normalize_with_batch)
     shift = torch.zeros_like(mean) if bias is None else bias
     coef = torch.stack((mean, _scale(invstd, weight), _as(shift, mean.dtype)))
     # a one-source stack's rows are views of the input, which op outputs may not be
@@ -226,7 +238,7 @@ def _dx(grad_y, x, coef):
 
 def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                   num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
-                  residual=None, relu=False):
+                  residual=None, relu=False, *, normalize_with_batch=False):
     """batch_stats -> finalize -> normalize in one: the statistics straight from x, and the
     batch-centered values reused for y."""
     acc = stat_dtype(x)
@@ -246,10 +258,10 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
     unbiased_var = batch_var * (M / (M - 1)) if running_mean is not None else None
     mean, invstd, alpha = _average(batch_mean, batch_std, batch_invstd, unbiased_var,
                                    running_mean, running_var, dbn_mean, dbn_std, k, momentum,
-                                   alpha_scale, alpha_power, alpha_offset)
+                                   alpha_scale, alpha_power, alpha_offset, normalize_with_batch)
 
     scale = _scale(invstd, weight)
-    if dbn_mean is None:
+    if dbn_mean is None or normalize_with_batch:
         shift = bias  # mu_k = m_B: x - mu_k is the batch-centered value itself
     else:
         # x - mu_k = (x - m_B) + (m_B - mu_k): reuse the batch-centered values.

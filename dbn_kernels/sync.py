@@ -45,15 +45,16 @@ def all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
 
 def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                   num_batches_tracked, momentum, eps, alpha_params, backend, group,
-                  residual=None, relu=False):
+                  residual=None, relu=False, normalize_with_batch=False):
     """The training step on statistics of the whole group: ``y`` and the saved tensors
     ``(mean, invstd, batch_mean, batch_invstd, alpha)``, as the fused ``train_forward`` (with
-    its epilogue, ``residual`` and ``relu``, in the normalize pass)."""
+    its epilogue, ``residual`` and ``relu``, in the normalize pass, and its variant,
+    ``normalize_with_batch``, in finalize)."""
     local = op(backend, "batch_stats")(x, num_batches_tracked)
     stats = all_gather_rows(local, group)
     *saved, coef = op(backend, "finalize")(
         stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std, num_batches_tracked,
-        momentum, eps, *alpha_params)
+        momentum, eps, *alpha_params, normalize_with_batch=normalize_with_batch)
     # An empty local batch still took part in the collective above (its count is 0).
     y = op(backend, "normalize")(x, coef, residual, relu) if x.numel() \
         else empty_like_preserving(x)

@@ -136,8 +136,11 @@ def dbl(t):
     return None if t is None else t.double()
 
 
-def train(op, x, w, b, st, momentum=0.1, schedule=SCHEDULE):
-    return op(x, w, b, *(st[k] for k in BUFFER_ORDER), momentum, EPS, *schedule)
+def train(op, x, w, b, st, momentum=0.1, schedule=SCHEDULE, normalize_with_batch=False):
+    args = (x, w, b, *(st[k] for k in BUFFER_ORDER), momentum, EPS, *schedule)
+    if normalize_with_batch:
+        return op(*args, normalize_with_batch=True)
+    return op(*args)  # the keyword left out: its default is part of the contract
 
 
 # ---- comparisons -------------------------------------------------------------------------------
@@ -181,12 +184,14 @@ def assert_buffers_close(st, ref, exact_dtype):
         assert st["num_batches_tracked"].dtype == torch.int64
 
 
-def check_train_step(backend, x, w, b, st, ref, momentum=0.1, schedule=SCHEDULE):
+def check_train_step(backend, x, w, b, st, ref, momentum=0.1, schedule=SCHEDULE,
+                     normalize_with_batch=False):
     """One step on ``backend`` and on the float64 reference; compares everything and returns
     both outputs."""
-    out = train(backend.op("train_forward"), x, w, b, st, momentum, schedule)
+    out = train(backend.op("train_forward"), x, w, b, st, momentum, schedule,
+                normalize_with_batch)
     out64 = train(REFERENCE.op("train_forward"), x.double(), dbl(w), dbl(b), ref, momentum,
-                  schedule)
+                  schedule, normalize_with_batch)
     y, y64 = out[0], out64[0]
     assert y.dtype == x.dtype and y.shape == x.shape
     assert y.stride() == torch.empty_like(x).stride()  # what the fake promises

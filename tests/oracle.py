@@ -23,10 +23,13 @@ def schedule_value(kind, k: int) -> float:
 
 
 class DBNOracle:
-    """Algorithm 1 of Ma & Klabjan with PyTorch's running statistics alongside."""
+    """Algorithm 1 of Ma & Klabjan with PyTorch's running statistics alongside; with
+    ``normalize_with="batch"`` the authors' released variant: batch norm in training, the mean
+    and the inverse std averaged for evaluation (``sig`` is the reciprocal of the latter)."""
 
-    def __init__(self, C: int, eps: float, momentum, schedule):
+    def __init__(self, C: int, eps: float, momentum, schedule, normalize_with="average"):
         self.eps, self.momentum, self.schedule = eps, momentum, schedule
+        self.normalize_with = normalize_with
         self.mu = torch.zeros(C, dtype=torch.float64)
         self.sig = torch.ones(C, dtype=torch.float64)
         self.rm = torch.zeros(C, dtype=torch.float64)
@@ -50,14 +53,19 @@ class DBNOracle:
             m_b_used, s_b_used = m_b.detach(), s_b.detach()
         else:
             m_b_used, s_b_used = m_b, s_b
-        mu = a * m_b_used + (1 - a) * self.mu
-        sig = a * s_b_used + (1 - a) * self.sig
+        if self.normalize_with == "batch":
+            mu, sig = m_b_used, s_b_used
+            self.mu = a * m_b.detach() + (1 - a) * self.mu
+            self.sig = 1 / (a / s_b.detach() + (1 - a) / self.sig)
+        else:
+            mu = a * m_b_used + (1 - a) * self.mu
+            sig = a * s_b_used + (1 - a) * self.sig
+            self.mu, self.sig = mu.detach(), sig.detach()
         y = (x - mu.view(self._shape(x))) / sig.view(self._shape(x))
         y = y * gamma.view(self._shape(x)) + beta.view(self._shape(x))
         f = 1.0 / self.k if self.momentum is None else self.momentum
         self.rm = (1 - f) * self.rm + f * m_b.detach()
         self.rv = (1 - f) * self.rv + f * v_b.detach() * M / (M - 1)
-        self.mu, self.sig = mu.detach(), sig.detach()
         return y
 
     def eval_step(self, x, gamma, beta, eval_stats="dbn"):

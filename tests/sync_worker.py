@@ -56,7 +56,8 @@ def make_layer(case: dict, backend: str, sync: bool, device: str = "cpu"):
     diminishing = case["alpha"] is not None
     if diminishing:
         options.update(alpha=schedule(case["alpha"]), eval_stats=case["eval_stats"],
-                       grad_through_stats=case["grad_through_stats"])
+                       grad_through_stats=case["grad_through_stats"],
+                       normalize_with=case.get("normalize_with", "average"))
         cls = (dbn.SyncDiminishingBatchNorm if sync
                else getattr(dbn, f"DiminishingBatchNorm{dims}d"))
     else:

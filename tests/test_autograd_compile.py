@@ -10,7 +10,8 @@ from dbn_kernels import functional as F
 from dbn_kernels.ops import op
 
 
-def _dbn_fn(training, grad_through_stats, step_k, alpha=0.4, eval_stats="dbn"):
+def _dbn_fn(training, grad_through_stats, step_k, alpha=0.4, eval_stats="dbn",
+            normalize_with="average"):
     """A pure function of (x, weight, bias): fresh buffer copies each call, since gradcheck
     evaluates it many times."""
     C = 3
@@ -23,7 +24,7 @@ def _dbn_fn(training, grad_through_stats, step_k, alpha=0.4, eval_stats="dbn"):
         return F.diminishing_batch_norm(
             x, dbn_mean.clone(), dbn_std.clone(), nbt.clone(), w, b, rm.clone(), rv.clone(),
             training=training, alpha=alpha, eval_stats=eval_stats,
-            grad_through_stats=grad_through_stats)
+            grad_through_stats=grad_through_stats, normalize_with=normalize_with)
     return fn
 
 
@@ -45,6 +46,17 @@ def test_gradcheck_training(grad_through_stats, step_k, channels_last):
         # so only the parameter gradients are checkable numerically here; dx is checked against
         # autograd with detached statistics below and over many steps in test_dbn_semantics.
         assert torch.autograd.gradcheck(lambda w, b: fn(x.detach(), w, b), (w, b))
+
+
+def test_gradcheck_authors_variant():
+    """normalize_with="batch" at a step with a_k < 1: batch norm's gradient, first and second
+    order, through the backend's op and the differentiable double backward."""
+    x = (torch.randn(4, 3, 3, 2, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = _dbn_fn(True, True, 5, normalize_with="batch")
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 @pytest.mark.parametrize("eval_stats", ["dbn", "running"])

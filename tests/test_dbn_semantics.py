@@ -60,15 +60,17 @@ def _run_steps(layer, oracle, shape, steps, grad_through_stats, channels_last=Fa
     return gamma, beta
 
 
+@pytest.mark.parametrize("normalize_with", ["average", "batch"])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("grad_through_stats", [True, False])
-def test_training_steps_match_oracle(schedule, dims, grad_through_stats):
+def test_training_steps_match_oracle(schedule, dims, grad_through_stats, normalize_with):
     alpha, kind = SCHEDULES[schedule]
     for shape in SHAPES[dims]:
         layer = LAYERS[dims](shape[1], momentum=0.3, alpha=alpha,
-                             grad_through_stats=grad_through_stats, dtype=torch.float64)
-        oracle = DBNOracle(shape[1], layer.eps, 0.3, kind)
+                             grad_through_stats=grad_through_stats, dtype=torch.float64,
+                             normalize_with=normalize_with)
+        oracle = DBNOracle(shape[1], layer.eps, 0.3, kind, normalize_with)
         gamma, beta = _run_steps(layer, oracle, shape, 6, grad_through_stats)
         layer.eval()
         for eval_stats in ("dbn", "running"):
@@ -86,11 +88,37 @@ def test_cumulative_momentum_and_channels_last(momentum):
     _run_steps(layer, oracle, shape, 5, True, channels_last=True)
 
 
+def test_authors_variant_trains_as_batch_norm():
+    """normalize_with="batch": outputs, gradients and running statistics are batch norm's (the
+    averages only change evaluation), whatever alpha."""
+    shape = (5, 3, 4, 4)
+    layer = dbn.DiminishingBatchNorm2d(3, alpha=0.1, momentum=0.2, normalize_with="batch",
+                                       dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.2, dtype=torch.float64)
+    for _ in range(4):
+        x = _input(shape)
+        xs = (x.clone().requires_grad_(), x.clone().requires_grad_())
+        ys = layer(xs[0]), bn(xs[1])
+        g = torch.randn_like(x)
+        for y in ys:
+            y.backward(g)
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.weight.grad, bn.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, bn.running_var, rtol=1e-12, atol=1e-14)
+    # ... while evaluation uses the alpha-averaged statistics, not batch norm's running ones
+    # (test_training_steps_match_oracle checks their values).
+    assert not torch.allclose(layer.dbn_std, torch.sqrt(bn.running_var + bn.eps))
+
+
 def test_attributes_changed_between_steps_are_honoured():
     shape = (4, 3, 3, 3)
     layer = dbn.DiminishingBatchNorm2d(3, dtype=torch.float64)
     oracle = DBNOracle(3, layer.eps, 0.1, ("const", 0.25))
     _run_steps(layer, oracle, shape, 2, True)
+    layer.normalize_with = oracle.normalize_with = "batch"
+    _run_steps(layer, oracle, shape, 2, True)
+    layer.normalize_with = oracle.normalize_with = "average"
     layer.alpha = 0.75
     oracle.schedule = ("const", 0.75)
     layer.grad_through_stats = False

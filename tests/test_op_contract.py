@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from contract import (BUFFER_ORDER, DTYPES, EPS, LAYOUTS, REFERENCE, as_double,
+from contract import (BUFFER_ORDER, DTYPES, EPS, LAYOUTS, REFERENCE, SCHEDULE, as_double,
                       assert_buffers_close, assert_low_precision_close, backend, bits,
                       check_backward, check_eval, check_step, check_train_step, checked_step, dbl,
                       is_nsc, make_state, make_x, max_err, params, poisoned_allocations, train)
@@ -147,6 +147,45 @@ def test_first_step_copies_batch_statistics(backend):
     torch.testing.assert_close(st["dbn_mean"], out[3], rtol=0, atol=0)
     torch.testing.assert_close(st["dbn_std"], 1 / out[4], rtol=1e-6, atol=0)
     torch.testing.assert_close(out[3].double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("schedule", [(0.25, 0.0, 0.0), SCHEDULE], ids=["constant", "diminishing"])
+def test_authors_variant(backend, layout, schedule):
+    """``normalize_with_batch``, steps k = 1, 2, 3 against the float64 reference: the step is
+    batch norm's (output, saved tensors with alpha = 1, hence BN's backward) while ``dbn_mean``
+    and ``dbn_std`` take the averages of the mean and the inverse std; ``finalize`` (the passes)
+    does the same as ``train_forward``."""
+    C, shape = 5, (4, 5, 3, 7)
+    dev = backend.device
+    w, b = params(C, device=dev)
+    st, passes = make_state(C, device=dev), make_state(C, device=dev)
+    ref = as_double(st)
+    for _ in range(3):
+        x = make_x(shape, torch.float32, layout, dev)
+        out, out64 = check_train_step(backend, x, w, b, st, ref, schedule=schedule,
+                                      normalize_with_batch=True)
+        assert_buffers_close(st, ref, exact_dtype=True)
+        assert out[5].item() == 1.0
+        assert torch.equal(out[1], out[3]) and torch.equal(out[2], out[4])
+        # The reference itself is batch norm here, by PyTorch's float64 batch_norm.
+        bn64 = F.batch_norm(x.double(), None, None, dbl(w), dbl(b), True, 0.0, EPS)
+        torch.testing.assert_close(out64[0], bn64, rtol=1e-12, atol=1e-12)
+
+        stats = backend.op("batch_stats")(x, passes["num_batches_tracked"])
+        *saved, coef = backend.op("finalize")(stats[None], w, b,
+                                              *(passes[k] for k in BUFFER_ORDER), 0.1, EPS,
+                                              *schedule, normalize_with_batch=True)
+        torch.testing.assert_close(coef, torch.stack((out[1], out[2] * w, b)), rtol=1e-6,
+                                   atol=1e-6)  # (center, scale, shift) of batch norm
+        torch.testing.assert_close(backend.op("normalize")(x, coef), out[0], rtol=1e-5,
+                                   atol=1e-5)
+        for a, e in zip(saved, out[1:]):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+        for k in BUFFER_ORDER:
+            torch.testing.assert_close(passes[k], st[k], rtol=1e-6, atol=1e-6)
+    check_backward(backend, x, make_x(shape, torch.float32, layout, dev, 0.0, 1.0), w, out,
+                   out64, grad_through_stats=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -84,9 +84,10 @@ def test_convert_replaces_in_place_and_reuses_tensors(alpha):
 def test_convert_passes_extra_keywords():
     model = nn.Sequential(nn.BatchNorm2d(2))
     dbn.convert(model, alpha=dbn.inverse_power(2.0), eval_stats="running",
-                grad_through_stats=False, backend="reference")
+                grad_through_stats=False, backend="reference", normalize_with="batch")
     layer = model[0]
     assert layer.eval_stats == "running" and layer.grad_through_stats is False
+    assert layer.normalize_with == "batch"
     assert layer.backend == "reference"
 
 

@@ -50,6 +50,8 @@ KINDS = {
     "dbn-inverse-power": dict(alpha=("inverse_power", 1.0, 2.0, 0.5), momentum=0.2,
                               affine=True, eval_stats="running"),
     "dbn-stats-constant": dict(alpha=0.5, momentum=0.1, affine=True, grad_through_stats=False),
+    # the authors' variant: batch norm's step over the group, the averages for evaluation
+    "dbn-batch": dict(alpha=0.25, momentum=0.1, affine=True, normalize_with="batch"),
     # the fused epilogue: relu(norm(x) + residual), the mask and d_residual local to each rank
     "dbn-residual-relu": dict(alpha=0.25, momentum=0.1, affine=True, activation="relu",
                               residual=True),
@@ -490,7 +492,8 @@ def test_convert_sync_keeps_the_project_layers_kind_and_settings():
     schedule_ = dbn.inverse_power(1.5)
     model = nn.Sequential(
         dbn.DiminishingBatchNorm2d(4, alpha=schedule_, eval_stats="running",
-                                   grad_through_stats=False, backend="reference"),
+                                   grad_through_stats=False, backend="reference",
+                                   normalize_with="batch"),
         dbn.BatchNorm1d(4, momentum=None, affine=False))
     dbn_std = model[0].dbn_std
     model.eval()
@@ -501,6 +504,7 @@ def test_convert_sync_keeps_the_project_layers_kind_and_settings():
     assert type(first) is dbn.SyncDiminishingBatchNorm
     assert first.alpha is schedule_ and first.eval_stats == "running"
     assert not first.grad_through_stats and first.backend == "reference"
+    assert first.normalize_with == "batch"
     assert first.dbn_std is dbn_std and not first.training
     assert type(second) is dbn.SyncBatchNorm and second.momentum is None and second.weight is None
     assert model[2] is already

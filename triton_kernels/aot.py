@@ -109,13 +109,17 @@ def variants():
 
     fin = launch.finalize_plan(64, 37)
     fin_blocks = {"BLOCK_C": fin.block_c, "BLOCK_SPLIT": fin.block_split}
-    # (counter, dbn, running, cumulative, weight, bias): DBN layer, plain BN with momentum,
-    # plain BN cumulative, DBN without running stats, no buffers at all.
-    switches = [(True, True, True, False, True, True), (True, False, True, False, True, False),
-                (True, False, True, True, False, True), (True, True, False, False, False, False),
-                (False, False, False, False, True, True)]
-    for (counter, dbn, running, cumulative, weight, bias), buf in itertools.product(
-            switches, ("*fp32", "*bf16")):
+    # (counter, dbn, running, cumulative, weight, bias, normalize_with_batch): DBN layer, plain
+    # BN with momentum, plain BN cumulative, DBN without running stats, no buffers at all, DBN
+    # layer normalizing with the batch statistics.
+    switches = [(True, True, True, False, True, True, False),
+                (True, False, True, False, True, False, False),
+                (True, False, True, True, False, True, False),
+                (True, True, False, False, False, False, False),
+                (False, False, False, False, True, True, False),
+                (True, True, True, False, True, True, True)]
+    for (counter, dbn, running, cumulative, weight, bias, normalize_with_batch), buf in (
+            itertools.product(switches, ("*fp32", "*bf16"))):
         out.append(Variant(
             fwd.finalize_kernel,
             {"stack_ptr": "*fp32", "sources": 37, "C": 64, "counter_ptr": "*i64",
@@ -126,8 +130,9 @@ def variants():
              "momentum": 0.1, "eps": 1e-5, "alpha_scale": 1.0,
              "alpha_power": 1.0, "alpha_offset": 0.0},
             {"HAS_COUNTER": counter, "HAS_DBN": dbn, "HAS_RUNNING": running,
-             "CUMULATIVE": cumulative, "HAS_WEIGHT": weight, "HAS_BIAS": bias, **fin_blocks,
-             "EMULATE_RTNE": False}, fin.num_warps))
+             "CUMULATIVE": cumulative, "HAS_WEIGHT": weight, "HAS_BIAS": bias,
+             "NORMALIZE_WITH_BATCH": normalize_with_batch, **fin_blocks, "EMULATE_RTNE": False},
+            fin.num_warps))
     for weight, input_grad, gts in itertools.product((True, False), repeat=3):
         out.append(Variant(
             bwd.backward_finalize_kernel,

@@ -99,8 +99,8 @@ def finalize_kernel(stack_ptr, sources, C, counter_ptr, dbn_mean_ptr, dbn_std_pt
                     alpha_scale, alpha_power, alpha_offset,
                     HAS_COUNTER: tl.constexpr, HAS_DBN: tl.constexpr, HAS_RUNNING: tl.constexpr,
                     CUMULATIVE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-                    EMULATE_RTNE: tl.constexpr):
+                    NORMALIZE_WITH_BATCH: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_SPLIT: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
@@ -120,12 +120,19 @@ def finalize_kernel(stack_ptr, sources, C, counter_ptr, dbn_mean_ptr, dbn_std_pt
         a = tl.where(k <= 1, 1.0, tl.minimum(a, 1.0))
         old_mean = tl.load(dbn_mean_ptr + c, mask=keep, other=0.0).to(tl.float32)
         old_std = tl.load(dbn_std_ptr + c, mask=keep, other=1.0).to(tl.float32)
-        mu = lerp(old_mean, mean, a)
-        sigma = lerp(old_std, std, a)
-        store_rounded(dbn_mean_ptr + c, mu, keep, EMULATE_RTNE)
-        store_rounded(dbn_std_ptr + c, sigma, keep, EMULATE_RTNE)
-        invstd = 1.0 / sigma
-    else:
+        if NORMALIZE_WITH_BATCH:
+            # The averages are for evaluation only (dbn_std the inverse of the averaged inverse
+            # std); the step is batch norm's, below, and so is its gradient (a = 1).
+            store_rounded(dbn_mean_ptr + c, lerp(old_mean, mean, a), keep, EMULATE_RTNE)
+            store_rounded(dbn_std_ptr + c, 1.0 / lerp(1.0 / old_std, batch_invstd, a), keep,
+                          EMULATE_RTNE)
+        else:
+            mu = lerp(old_mean, mean, a)
+            sigma = lerp(old_std, std, a)
+            store_rounded(dbn_mean_ptr + c, mu, keep, EMULATE_RTNE)
+            store_rounded(dbn_std_ptr + c, sigma, keep, EMULATE_RTNE)
+            invstd = 1.0 / sigma
+    if not HAS_DBN or NORMALIZE_WITH_BATCH:
         a = tl.full([], 1.0, tl.float32)
         mu = mean
         invstd = batch_invstd
@@ -248,7 +255,8 @@ def _collect_stats(xk, geo, num_batches_tracked):
 
 
 def _finalize(stack, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-              num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+              num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+              normalize_with_batch):
     """Launch 2: merge a dense (P, 3, C) stack; the saved tensors and the (3, C) coefficients."""
     sources, _, C = stack.shape
     weight, bias = _per_channel(weight), _per_channel(bias)
@@ -271,7 +279,9 @@ def _finalize(stack, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         float(alpha_power), float(alpha_offset),
         HAS_COUNTER=has_counter, HAS_DBN=has_dbn, HAS_RUNNING=has_running,
         CUMULATIVE=momentum is None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK_C=fin.block_c, BLOCK_SPLIT=fin.block_split,
+        HAS_BIAS=bias is not None,
+        NORMALIZE_WITH_BATCH=has_dbn and normalize_with_batch,  # ignored without dbn_mean
+        BLOCK_C=fin.block_c, BLOCK_SPLIT=fin.block_split,
         EMULATE_RTNE=EMULATE_RTNE, num_warps=fin.num_warps)
     return mean, invstd, batch_mean, batch_invstd, alpha, coef
 
@@ -306,16 +316,18 @@ def batch_stats(x, num_batches_tracked):
 
 
 def finalize(stats, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-             num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset):
+             num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset, *,
+             normalize_with_batch=False):
     if stats.dtype == torch.float64 or not _in_place_ok(running_mean, running_var, dbn_mean,
                                                         dbn_std):
         return reference.finalize(stats, weight, bias, running_mean, running_var, dbn_mean,
                                   dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
-                                  alpha_power, alpha_offset)
+                                  alpha_power, alpha_offset,
+                                  normalize_with_batch=normalize_with_batch)
     with device_guard(stats):
         return _finalize(stats.contiguous(), weight, bias, running_mean, running_var, dbn_mean,
                          dbn_std, num_batches_tracked, momentum, eps, alpha_scale, alpha_power,
-                         alpha_offset)
+                         alpha_offset, normalize_with_batch)
 
 
 def normalize(x, coef, residual=None, relu=False):
@@ -332,14 +344,15 @@ def normalize(x, coef, residual=None, relu=False):
 
 def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
                   num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
-                  residual=None, relu=False):
+                  residual=None, relu=False, *, normalize_with_batch=False):
     """batch_stats -> finalize -> normalize, with the splits merged in finalize: 3 launches (the
     residual and the ReLU are normalize's epilogue)."""
     if needs_reference(x) or not _in_place_ok(running_mean, running_var, dbn_mean, dbn_std):
         # buffers that are not dense vectors are the reference's job too
         return reference.train_forward(x, weight, bias, running_mean, running_var, dbn_mean,
                                        dbn_std, num_batches_tracked, momentum, eps, alpha_scale,
-                                       alpha_power, alpha_offset, residual, relu)
+                                       alpha_power, alpha_offset, residual, relu,
+                                       normalize_with_batch=normalize_with_batch)
     if ((dbn_mean is not None or (running_mean is not None and momentum is None))
             and num_batches_tracked is None):
         raise ValueError("num_batches_tracked is required for DBN statistics or momentum=None")
@@ -349,7 +362,8 @@ def train_forward(x, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
         stack = _collect_stats(xk, geo, num_batches_tracked)
         mean, invstd, batch_mean, batch_invstd, alpha, coef = _finalize(
             stack, weight, bias, running_mean, running_var, dbn_mean, dbn_std,
-            num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset)
+            num_batches_tracked, momentum, eps, alpha_scale, alpha_power, alpha_offset,
+            normalize_with_batch)
         y = _normalize(xk, geo, coef, residual, relu)
     if xk is not x:
         y = as_promised(y, x)
