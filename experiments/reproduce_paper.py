@@ -22,8 +22,11 @@ summed loss gives each group exactly its own gradient. ``check_seeds_independent
 
 Usage::
 
-    python experiments/reproduce_paper.py --quick --out /tmp/dbn-quick   # smoke test, < 2 min
+    pip install ".[experiments]"        # scikit-learn, mnist1d, matplotlib
+    python experiments/reproduce_paper.py --quick --out /tmp/dbn-quick   # smoke test, ~1 min
     python experiments/reproduce_paper.py --out experiments/results      # full, ~30 min, 2 cores
+    python experiments/reproduce_paper.py --resnet18 only --out DIR      # ResNet-18 (a GPU)
+    python experiments/reproduce_paper.py --render --out DIR             # tables/plots again
 
 Writes ``results.json`` (every run: per-epoch training loss and test errors), ``results.md``
 (tables of best and final test error, mean +- std over seeds, and divergences) and one PNG of
@@ -466,7 +469,7 @@ class Plan:
 # Epochs sized so that the full grid (168 configurations x 5 seeds) fits in about half an hour
 # on two CPU cores (grouped convolutions are slow there: the CNNs get fewer epochs).
 FULL = Plan(("digits", "mnist1d"), ("fnn", "cnn"), tuple(ALPHAS), (0.1, 0.02), (0, 1, 2, 3, 4),
-            {"digits/fnn": 30, "digits/cnn": 15, "mnist1d/fnn": 20, "mnist1d/cnn": 10})
+            {"digits/fnn": 40, "digits/cnn": 20, "mnist1d/fnn": 30, "mnist1d/cnn": 20})
 QUICK = Plan(("digits",), ("fnn", "cnn"), ("1", "0.25", "1/k"), (0.1,), (0, 1),
              {"digits/fnn": 2, "digits/cnn": 2})
 
@@ -522,6 +525,30 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def summary_table(rows: list[dict], meta: dict, lr: float) -> list[str]:
+    """One line per normalization, one column per dataset and model: best / final test error
+    (mean over seeds, %) at learning rate ``lr``, with the divergences when there are any."""
+    settings = [(d, m) for d in meta["datasets"] for m in meta["models"]
+                if any(r["dataset"] == d and r["model"] == m and r["lr"] == lr for r in rows)]
+    lines = ["| normalization | " + " | ".join(f"{d} {m.upper()}" for d, m in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    for norm in norms(meta["alphas"]):
+        cells = []
+        for d, m in settings:
+            r = next((r for r in rows if (r["dataset"], r["model"], r["lr"], r["norm"])
+                      == (d, m, lr, norm.label)), None)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{np.mean(r['best']) * 100:.2f} / {np.mean(r['final']) * 100:.2f}"
+            if r["diverged"]:
+                cell += f" ({r['diverged']} div)"
+            cells.append(cell)
+        if any(cells):
+            lines.append(f"| {norm.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Does DBN help? Measured results", "",
              f"{meta['when']}, {meta['device']}, torch {meta['torch']}, "
@@ -529,6 +556,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['seeds']} seeds): best over epochs and final; `div`: seeds whose training "
              "loss became non-finite (their error counts as chance, 90 %, from then on); "
              "`final, running`: DBN evaluated with PyTorch's running statistics instead.", ""]
+    for lr in meta["lrs"]:
+        lines += [f"## Summary, lr {lr}: best / final test error, %, mean over seeds", ""]
+        lines += summary_table(rows, meta, lr) + [""]
     for dataset in meta["datasets"]:
         for model in meta["models"]:
             sel = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
@@ -601,6 +631,12 @@ def plot(runs: list[dict], meta: dict, out: Path) -> list[str]:
     return files
 
 
+def write_reports(runs: list[dict], meta: dict, out: Path) -> None:
+    (out / "results.md").write_text(markdown(summarize(runs), meta))
+    plots = plot(runs, meta, out)
+    print(f"wrote {out}/results.md, {', '.join(plots)}")
+
+
 # ---- main -------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -613,9 +649,16 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="parallel processes (default: CPU cores, at most 8; 1 on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resnet18", choices=("auto", "yes", "no"), default="auto",
-                   help="the ResNet-18 runs (torchvision): by default on a GPU only")
+    p.add_argument("--resnet18", choices=("auto", "yes", "no", "only"), default="auto",
+                   help="the ResNet-18 runs (torchvision): by default on a GPU only; 'only': "
+                        "without the FNN/CNN grid")
+    p.add_argument("--render", action="store_true",
+                   help="no training: rewrite results.md and the plots from OUT/results.json")
     args = p.parse_args(argv)
+    if args.render:
+        result = json.loads((args.out / "results.json").read_text())
+        write_reports(result["runs"], result["meta"], args.out)
+        return 0
     plan = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     workers = args.workers or (1 if args.device == "cuda" else min(8, os.cpu_count() or 1))
@@ -627,7 +670,7 @@ def main(argv=None) -> int:
               "seeds_independent": check_seeds_independent(digits)}
     print("checks:", json.dumps(checks))
 
-    todo = tasks(plan, args.device)
+    todo = [] if args.resnet18 == "only" else tasks(plan, args.device)
     print(f"{len(todo)} configurations x {len(plan.seeds)} seeds on {workers} worker(s)",
           flush=True)
     runs: list[dict] = []
@@ -645,10 +688,10 @@ def main(argv=None) -> int:
     if workers != 1:
         pool.close()
         pool.join()
-    if args.resnet18 == "yes" or (args.resnet18 == "auto" and args.device == "cuda"):
+    if args.resnet18 in ("yes", "only") or (args.resnet18 == "auto" and args.device == "cuda"):
         epochs = 2 if args.quick else 30
         runs += resnet18_runs(digits, args.device, plan.seeds[:3], epochs)
-        plan_models = (*plan.models, "resnet18")
+        plan_models = (*([] if args.resnet18 == "only" else plan.models), "resnet18")
         epochs_of = {**plan.epochs, "digits/resnet18": epochs}
     else:
         plan_models, epochs_of = plan.models, plan.epochs
@@ -665,9 +708,8 @@ def main(argv=None) -> int:
     rows = summarize(runs)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows,
                                                        "runs": runs}))
-    (args.out / "results.md").write_text(markdown(rows, meta))
-    plots = plot(runs, meta, args.out)
-    print(f"wrote {args.out}/results.json, results.md, {', '.join(plots)} in {seconds:.0f} s")
+    write_reports(runs, meta, args.out)
+    print(f"wrote {args.out}/results.json in {seconds:.0f} s")
     ok = checks["alpha_one_is_batch_norm"]["passed"] and checks["seeds_independent"]["passed"]
     if not ok:
         print("a check failed: see 'checks' above", file=sys.stderr)
