@@ -14,7 +14,7 @@
 #include "dbn_launch.h"
 
 // Launch on `stream` and check the launch. KERNEL is one name (a function pointer for templates).
-// Under DBN_EMULATION (emulation/cuda_emu.h) the grid runs on CPU threads instead.
+// Under DBN_EMULATION (emulation/cuda_emu.h) the grid runs on the host instead.
 #ifdef DBN_EMULATION
 #define DBN_LAUNCH(KERNEL, GRID, BLOCK, STREAM, ...) \
   ::dbn::emu::launch(KERNEL, dim3(GRID), dim3(BLOCK), __VA_ARGS__)

@@ -1,5 +1,5 @@
 """The CPU emulation of the cuda backend: ``dbn::emu_*``, the same host code and the same kernels
-as ``dbn::cuda_*`` (csrc/) compiled as host C++ (csrc/emulation), every CUDA thread a CPU thread.
+as ``dbn::cuda_*`` (csrc/) compiled as host C++ (csrc/emulation), every CUDA thread a fiber on one host thread.
 
 ``build_emulation(build_dir)`` defines the ``emu`` ops from ``dbn_kernels.ops`` and the test hooks,
 then builds and loads the emulation; the ops then take CPU tensors. The hooks:

@@ -7,7 +7,7 @@ Two runners:
 
 * ``cuda`` (marked ``gpu``): the ``dbn::cuda_*`` ops of the built extension on a GPU;
 * ``emulated`` (CPU, runs everywhere): ``dbn::emu_*``, the same host code and the same kernels
-  compiled as host C++ (csrc/emulation, tests/emulation.py) with every CUDA thread a CPU thread.
+  compiled as host C++ (csrc/emulation, tests/emulation.py), every CUDA thread a fiber.
   It checks the index math, layouts, split/merge logic and planning without a GPU; it says
   nothing about speed or the GPU memory model, which only the ``cuda`` runner checks.
 

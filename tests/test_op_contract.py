@@ -5,8 +5,8 @@ float64 reference:
 * ``triton``: under Triton's interpreter on CPU tensors without a GPU (conftest sets
   TRITON_INTERPRET before the kernels are imported), on CUDA tensors with one;
 * ``cuda`` (marked ``gpu``): the compiled extension;
-* ``emu``: the cuda backend's host code and kernels compiled as host C++, every CUDA thread a CPU
-  thread (tests/emulation.py). It checks the index math, layouts, split/merge logic, a_k and every
+* ``emu``: the cuda backend's host code and kernels compiled as host C++, every CUDA thread a
+  fiber (tests/emulation.py). It checks the index math, layouts, split/merge logic, a_k and every
   buffer update without a GPU; it says nothing about speed or the GPU memory model.
 
 Every uninitialised allocation is poisoned with NaN, so an output element that a kernel forgets

@@ -106,7 +106,7 @@ SPECS = {
                       ("uneven", "empty"))
               + _matrix(("dbn-residual-relu",), (torch.float32,), ("channels_last",),
                         ("empty",)),
-    # The emulation runs every CUDA thread as a CPU thread: each kind once, the layouts and
+    # The emulation runs every CUDA thread as a fiber, one at a time: each kind once, the layouts and
     # batch splits alternating.
     "emu": [Spec(kind, torch.float32, LAYOUTS[i % 2], ("uneven", "empty")[i % 2], (5, 3, 4))
             for i, kind in enumerate(KINDS)]

@@ -1,5 +1,5 @@
 // CPU emulation of the CUDA execution model: just enough of it to run dbn_kernels' kernels,
-// unchanged, on host threads (one std::thread per CUDA thread, blocks one after another).
+// unchanged, on one host thread (each CUDA thread a fiber, blocks one after another).
 //
 // Used only by emulate.cpp, which tests/emulation.py compiles with the host compiler to check the
 // kernels and their host launchers against the reference backend on machines without a GPU. It
@@ -11,11 +11,14 @@
 
 #include <math.h>
 
-#include <condition_variable>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <memory>
-#include <mutex>
-#include <thread>
+#include <stdexcept>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -46,29 +49,52 @@ void record_plan(const ElementwisePlan& plan);
 template <typename T>
 void record_plan(const T&) {}  // any other kernel argument
 
-// A reusable barrier for a fixed number of threads. std::barrier is C++20, and torch's
-// cpp_extension builds with -std=c++17 on some supported releases (2.11), so the emulation keeps
-// its own: the last thread to arrive starts a new phase and wakes the rest.
+// How threads run: every CUDA thread of a block is a fiber (a ucontext with its own stack), and
+// one host thread runs the block's fibers in turn, each until it reaches a barrier or returns.
+// Host threads, one per CUDA thread, did the same job 5-10x slower: a 256-thread block passing a
+// barrier cost 256 futex wake-ups and context switches through the OS scheduler. Fibers also
+// make the emulation deterministic: threads always run in the same order (ascending within a
+// phase), so a missing __syncthreads gives the same wrong result on every run instead of
+// passing or failing by chance. (It cannot catch a missing barrier where a thread reads what a
+// lower-numbered thread wrote: that one always ran first.)
+
+class Barrier;
+
+struct Fiber {
+  ucontext_t context;
+  dim3 index;
+  const Barrier* waiting_on = nullptr;  // blocked here until the barrier's phase moves on
+  unsigned long waiting_phase = 0;
+  bool done = false;
+};
+
+inline ucontext_t scheduler_context;  // the host thread's own context, between fibers
+inline std::vector<Fiber> fibers;     // the running block's threads
+inline unsigned current = 0;          // the fiber running now
+inline void (*current_body)(const void*) = nullptr;
+inline const void* current_arguments = nullptr;
+
+// A barrier for a fixed number of fibers: the last to arrive starts a new phase and goes on;
+// the others yield to the scheduler, which resumes them once the phase has moved on.
 class Barrier {
  public:
   explicit Barrier(unsigned threads) : threads_(threads) {}
 
   void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const unsigned long phase = phase_;
     if (++arrived_ == threads_) {
       arrived_ = 0;
       ++phase_;
-      lock.unlock();
-      wake_.notify_all();
       return;
     }
-    wake_.wait(lock, [&] { return phase_ != phase; });
+    Fiber& self = fibers[current];
+    self.waiting_on = this;
+    self.waiting_phase = phase_;
+    swapcontext(&self.context, &scheduler_context);
   }
 
+  unsigned long phase() const { return phase_; }
+
  private:
-  std::mutex mutex_;
-  std::condition_variable wake_;
   const unsigned threads_;
   unsigned arrived_ = 0;
   unsigned long phase_ = 0;
@@ -86,8 +112,8 @@ struct BlockState {
   std::vector<float> warp_values;
 };
 
-inline thread_local dim3 thread_idx;
-inline thread_local dim3 block_idx;
+inline dim3 thread_idx;
+inline dim3 block_idx;
 inline dim3 block_dim;
 inline dim3 grid_dim;
 inline BlockState* block_state = nullptr;
@@ -96,35 +122,123 @@ inline unsigned linear_thread() {
   return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
 }
 
-// Run kernel over grid x block: block_dim.x * .y * .z threads, each walking the blocks in order
-// with a barrier between blocks (so __shared__ storage is reused safely).
+// The fibers' stacks: mapped once, grown when a launch needs more threads, reused by every
+// launch. Each has an inaccessible guard page below it, so an overflow faults at once instead of
+// overwriting the neighbouring fiber's stack. Pages are committed only as they are touched.
+class FiberStacks {
+ public:
+  static constexpr size_t kStackBytes = 256 * 1024;
+
+  char* stack(unsigned i) { return base_ + i * slot_bytes() + page_bytes(); }
+
+  void reserve(unsigned count) {
+    if (count <= count_) return;
+    release();
+    void* base = mmap(nullptr, count * slot_bytes(), PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) throw std::runtime_error("emulation: cannot map the fibers' stacks");
+    base_ = static_cast<char*>(base);
+    count_ = count;
+    for (unsigned i = 0; i < count; ++i) {
+      mprotect(base_ + i * slot_bytes(), page_bytes(), PROT_NONE);
+    }
+  }
+
+  ~FiberStacks() { release(); }
+
+ private:
+  static size_t page_bytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+  static size_t slot_bytes() { return kStackBytes + page_bytes(); }
+  void release() {
+    if (base_ != nullptr) munmap(base_, count_ * slot_bytes());
+    base_ = nullptr;
+    count_ = 0;
+  }
+  char* base_ = nullptr;
+  unsigned count_ = 0;
+};
+
+inline FiberStacks fiber_stacks;
+
+inline void fiber_entry() {
+  current_body(current_arguments);
+  fibers[current].done = true;
+  // returning resumes uc_link: the scheduler
+}
+
+// One block: start a fiber per thread, then resume, in thread order, every fiber that is not
+// done and not waiting at a barrier whose phase is unchanged, until all are done.
+inline void run_block(unsigned threads) {
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = fibers[t];
+    f.waiting_on = nullptr;
+    f.done = false;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = fiber_stacks.stack(t);
+    f.context.uc_stack.ss_size = FiberStacks::kStackBytes;
+    f.context.uc_link = &scheduler_context;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  unsigned running = threads;
+  while (running > 0) {
+    bool resumed = false;
+    for (unsigned t = 0; t < threads; ++t) {
+      Fiber& f = fibers[t];
+      if (f.done || (f.waiting_on != nullptr && f.waiting_on->phase() == f.waiting_phase)) {
+        continue;
+      }
+      f.waiting_on = nullptr;
+      current = t;
+      thread_idx = f.index;
+      swapcontext(&scheduler_context, &f.context);
+      resumed = true;
+      if (f.done) --running;
+    }
+    if (!resumed) {
+      // Every fiber left waits at a barrier that the finished ones will never reach (on a GPU:
+      // a hang or undefined behaviour). The stranded fibers' stacks are simply reused.
+      throw std::runtime_error(
+          "emulation: deadlock, threads wait at a barrier that not every thread of the block "
+          "reaches");
+    }
+  }
+}
+
+// Run kernel over grid x block, the blocks one after another (so __shared__ storage, which is
+// static here, is reused safely). Launches must not run concurrently from several host threads.
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&... args) {
+  using Params = std::tuple<std::decay_t<KernelArgs>...>;
   const unsigned threads = block.x * block.y * block.z;
   block_dim = block;
   grid_dim = grid;
-  const std::tuple<std::decay_t<KernelArgs>...> params(std::forward<Args>(args)...);
+  const Params params(std::forward<Args>(args)...);
   ++launches;
   std::apply([](const auto&... arg) { (record_plan(arg), ...); }, params);
+  struct Call {
+    void (*kernel)(KernelArgs...);
+    const Params* params;
+  } call{kernel, &params};
+  current_body = [](const void* p) {
+    const Call& c = *static_cast<const Call*>(p);
+    std::apply(c.kernel, *c.params);
+  };
+  current_arguments = &call;
   BlockState state(threads);
   block_state = &state;
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
+  fiber_stacks.reserve(threads);
+  fibers.resize(std::max<size_t>(fibers.size(), threads));
   for (unsigned t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      for (unsigned bz = 0; bz < grid.z; ++bz) {
-        for (unsigned by = 0; by < grid.y; ++by) {
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            block_idx = dim3(bx, by, bz);
-            std::apply(kernel, params);
-            state.block_barrier.arrive_and_wait();
-          }
-        }
-      }
-    });
+    fibers[t].index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
   }
-  for (auto& th : pool) th.join();
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        block_idx = dim3(bx, by, bz);
+        run_block(threads);
+      }
+    }
+  }
   block_state = nullptr;
 }
 

@@ -1,5 +1,5 @@
 // The CUDA backend compiled as host C++ (DBN_EMULATION): the host files and the .cu kernels,
-// unchanged, with kernel launches run on CPU threads by cuda_emu.h. Registers kernels for the
+// unchanged, with kernel launches run on the host by cuda_emu.h. Registers kernels for the
 // dbn::emu_* ops (schemas: dbn_kernels/ops.py) for CPU tensors, plus the test hooks of hooks.h.
 // Built on demand by tests/emulation.py (torch.utils.cpp_extension.load, host compiler), as one
 // translation unit.
