@@ -43,6 +43,9 @@ KERNEL_CASES=(--suite resnet50 --batch 64 --layout both --mode train-fwd fwd-bwd
 # layout of mixed-precision training).
 COMPILE_SHAPES=64x64x112x112,64x1024x14x14
 MODEL_VARIANTS=torch,cuda-bn,cuda-dbn,triton-bn,triton-dbn
+# The fused layers against eager PyTorch's norm-then-activation; the training step after fuse().
+EPILOGUE_PROVIDERS=cuda-bn,cuda-dbn,torch
+FUSED_VARIANTS=torch,cuda-bn-fused,cuda-dbn-fused
 
 # The GPU tests: everything marked gpu (the cuda backend's cases of the op-contract suite among
 # them), and the Triton and reference backends' cases of that suite with the Triton backend's own
@@ -244,13 +247,30 @@ define_stages() {
         skip_stage host-overhead 25 \
             "bench/host_overhead.py is not in this checkout" optional
     fi
-    # Batch 256 in the time the stages above leave (each usually ends well inside its box).
+    # The optional stages run in the time the stages above leave (each usually ends well inside
+    # its box; the first H200 run used 332 of its 540 s). First what no run has measured yet: the
+    # fused layers (BN+ReLU, BN+add+ReLU: 144 rows, about half of kernels-bf16's 288), and the
+    # ResNet-50 step after dbn_kernels.fuse (each variant about 11 s at batch 64 on an H200).
+    bench_stage kernels-epilogue 45 optional --suite resnet50 --batch 64 --dtype bfloat16 \
+        --layout both --mode fwd-bwd --epilogue relu add-relu --providers "$EPILOGUE_PROVIDERS" \
+        --budget-ms 20
+    bench_stage train-step-fused 45 optional --model resnet50 --batch 64 --dtype bfloat16 \
+        --layout nhwc --providers "$FUSED_VARIANTS"
+    # Batch 256.
     bench_stage kernels-bf16-b256 70 optional --suite resnet50 --batch 256 --dtype bfloat16 \
         --layout both --mode fwd-bwd --providers "$KERNEL_PROVIDERS" --budget-ms 20
     # The training step where the GPU, not the host, sets the pace (at batch 64 the H200's host
     # was the bottleneck even for nn.BatchNorm2d).
     bench_stage train-step-b256 60 optional --model resnet50 --batch 256 --dtype bfloat16 \
         --layout nhwc --providers torch,cuda-bn,cuda-dbn
+    # Last, the one experiment that wants a GPU: "does DBN help?" on ResNet-18 (BN, LayerNorm,
+    # DBN at 0.25 and 1/k, the authors' variant at 0.25; 3 seeds), each finished run saved at once.
+    if ((HAS_PAPER_DEPS)); then
+        stage paper-resnet18 120 optional "${PYRUN[@]}" experiments/reproduce_paper.py \
+            --resnet18 only --resnet18-epochs 15 --out "$OUTDIR/paper-resnet18"
+    elif [[ $ACTION == run ]]; then
+        skip_stage paper-resnet18 120 "torchvision or scikit-learn is not installed" optional
+    fi
     stage summary 7 required "${SUMMARY[@]}"
 }
 
@@ -377,6 +397,12 @@ if has_module pytest_timeout; then PYTEST+=(--timeout "$TEST_TIMEOUT_S"); fi
 if has_module xdist; then PYTEST+=(-n "$TEST_WORKERS"); fi
 HAS_MATPLOTLIB=0
 if has_module matplotlib; then HAS_MATPLOTLIB=1; fi
+# Found, not imported: importing torchvision would import torch, seconds of the run's clock.
+HAS_PAPER_DEPS=0
+if "${PYRUN[@]}" -c 'import importlib.util as u, sys
+sys.exit(not all(u.find_spec(m) for m in ("torchvision", "sklearn")))' 2>/dev/null; then
+    HAS_PAPER_DEPS=1
+fi
 BUILD=(env "TORCH_CUDA_ARCH_LIST=$ARCH" "MAX_JOBS=$JOBS" DBN_KERNELS_REQUIRE_CUDA_BUILD=1
        "$PY" -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps
        -e .)

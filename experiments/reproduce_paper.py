@@ -333,6 +333,7 @@ def train(task: Task, data: Data, orders: torch.Tensor | None = None,
 
 # ---- ResNet-18 (on a GPU) --------------------------------------------------------------------------
 
+RESNET_SEEDS = 3
 RESNET_NORMS = (Norm("bn"), Norm("ln"), Norm("dbn", "average", "0.25"),
                 Norm("dbn", "average", "1/k"), Norm("dbn", "batch", "0.25"))
 
@@ -356,9 +357,10 @@ def resnet18(norm: Norm) -> nn.Module:
 
 
 def resnet18_runs(data: Data, device: str, seeds, epochs: int, lr: float = 0.05,
-                  batch: int = 64) -> list[dict]:
+                  batch: int = 64, on_run=None) -> list[dict]:
     """ResNet-18 on the digits upsampled to 32x32 (three equal channels), one seed at a time:
-    SGD with momentum 0.9 and weight decay 5e-4, as usual for ResNets."""
+    SGD with momentum 0.9 and weight decay 5e-4, as usual for ResNets. ``on_run(runs)`` is called
+    with the runs so far after each one (the caller saves them: a run cut short keeps them)."""
     def images(x):
         x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
         return ((x - 0.5) / 0.5).contiguous().to(device)
@@ -404,6 +406,8 @@ def resnet18_runs(data: Data, device: str, seeds, epochs: int, lr: float = 0.05,
             out.append(asdict(run))
             print(f"resnet18 {norm.label} seed {seed}: best {min(run.test_error) * 100:.2f}%, "
                   f"{run.seconds:.1f} s", flush=True)
+            if on_run is not None:
+                on_run(out)
     return out
 
 
@@ -550,15 +554,27 @@ def summary_table(rows: list[dict], meta: dict, lr: float) -> list[str]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    models = list(meta["models"])
+    if "resnet18" not in models:
+        seeds = f"{meta['seeds']} seeds"
+    elif models == ["resnet18"]:
+        seeds = f"{RESNET_SEEDS} seeds"
+    else:
+        seeds = f"{meta['seeds']} seeds, {RESNET_SEEDS} for ResNet-18"
     lines = ["# Does DBN help? Measured results", "",
              f"{meta['when']}, {meta['device']}, torch {meta['torch']}, "
-             f"{meta['seconds']:.0f} s. Test error in % (mean ± std over "
-             f"{meta['seeds']} seeds): best over epochs and final; `div`: seeds whose training "
-             "loss became non-finite (their error counts as chance, 90 %, from then on); "
-             "`final, running`: DBN evaluated with PyTorch's running statistics instead.", ""]
+             f"{meta['seconds']:.0f} s. Test error in % (mean ± std over {seeds}): best over "
+             "epochs and final; `div`: seeds whose training loss became non-finite (their error "
+             "counts as chance, 90 %, from then on); `final, running`: DBN evaluated with "
+             "PyTorch's running statistics instead.", ""]
+    if not meta.get("complete", True):
+        lines += ["**Incomplete**: the run was stopped before its last configuration; the "
+                  "tables hold the runs that finished.", ""]
     for lr in meta["lrs"]:
-        lines += [f"## Summary, lr {lr}: best / final test error, %, mean over seeds", ""]
-        lines += summary_table(rows, meta, lr) + [""]
+        table = summary_table(rows, meta, lr)
+        if len(table) > 2:  # a header alone: no run at this learning rate
+            lines += [f"## Summary, lr {lr}: best / final test error, %, mean over seeds", ""]
+            lines += table + [""]
     for dataset in meta["datasets"]:
         for model in meta["models"]:
             sel = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
@@ -652,6 +668,8 @@ def main(argv=None) -> int:
     p.add_argument("--resnet18", choices=("auto", "yes", "no", "only"), default="auto",
                    help="the ResNet-18 runs (torchvision): by default on a GPU only; 'only': "
                         "without the FNN/CNN grid")
+    p.add_argument("--resnet18-epochs", type=int, default=None,
+                   help="epochs of each ResNet-18 run (default 30; 2 with --quick)")
     p.add_argument("--render", action="store_true",
                    help="no training: rewrite results.md and the plots from OUT/results.json")
     args = p.parse_args(argv)
@@ -688,28 +706,40 @@ def main(argv=None) -> int:
     if workers != 1:
         pool.close()
         pool.join()
-    if args.resnet18 in ("yes", "only") or (args.resnet18 == "auto" and args.device == "cuda"):
-        epochs = 2 if args.quick else 30
-        runs += resnet18_runs(digits, args.device, plan.seeds[:3], epochs)
-        plan_models = (*([] if args.resnet18 == "only" else plan.models), "resnet18")
-        epochs_of = {**plan.epochs, "digits/resnet18": epochs}
-    else:
-        plan_models, epochs_of = plan.models, plan.epochs
+    with_resnet18 = args.resnet18 in ("yes", "only") or (args.resnet18 == "auto"
+                                                         and args.device == "cuda")
+    plan_models, epochs_of = plan.models, dict(plan.epochs)
+    if args.resnet18 == "only":
+        plan_models, epochs_of = (), {}
+    if with_resnet18:
+        epochs = args.resnet18_epochs or (2 if args.quick else 30)
+        plan_models = (*plan_models, "resnet18")
+        epochs_of["digits/resnet18"] = epochs
 
-    seconds = time.perf_counter() - start
-    meta = {"when": time.strftime("%Y-%m-%d"), "quick": args.quick, "seconds": seconds,
-            "device": (torch.cuda.get_device_name() if args.device == "cuda"
-                       else f"CPU ({platform.processor() or platform.machine()}, "
-                            f"{workers} worker process(es), 1 thread each)"),
-            "torch": torch.__version__, "datasets": plan.datasets, "models": plan_models,
-            "alphas": plan.alphas, "lrs": plan.lrs, "seeds": len(plan.seeds),
-            "epochs": epochs_of, "batch": 32, "optimizer": "SGD, no momentum",
-            "checks": checks}
-    rows = summarize(runs)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows,
-                                                       "runs": runs}))
-    write_reports(runs, meta, args.out)
-    print(f"wrote {args.out}/results.json in {seconds:.0f} s")
+    def save(all_runs: list[dict], complete: bool) -> None:
+        seconds = time.perf_counter() - start
+        meta = {"when": time.strftime("%Y-%m-%d"), "quick": args.quick, "seconds": seconds,
+                "complete": complete,
+                "device": (torch.cuda.get_device_name() if args.device == "cuda"
+                           else f"CPU ({platform.processor() or platform.machine()}, "
+                                f"{workers} worker process(es), 1 thread each)"),
+                "torch": torch.__version__, "datasets": plan.datasets, "models": plan_models,
+                "alphas": plan.alphas, "lrs": plan.lrs, "seeds": len(plan.seeds),
+                "epochs": epochs_of, "batch": 32, "optimizer": "SGD, no momentum",
+                "checks": checks}
+        (args.out / "results.json").write_text(json.dumps(
+            {"meta": meta, "summary": summarize(all_runs), "runs": all_runs}))
+        if complete:
+            write_reports(all_runs, meta, args.out)
+            print(f"wrote {args.out}/results.json in {seconds:.0f} s")
+
+    if with_resnet18:
+        # The ResNet-18 runs are slow and may be stopped by a time box: each finished run is
+        # saved at once (meta "complete": false until the end).
+        grid = list(runs)
+        runs += resnet18_runs(digits, args.device, plan.seeds[:RESNET_SEEDS], epochs,
+                              on_run=lambda done: save(grid + done, complete=False))
+    save(runs, complete=True)
     ok = checks["alpha_one_is_batch_norm"]["passed"] and checks["seeds_independent"]["passed"]
     if not ok:
         print("a check failed: see 'checks' above", file=sys.stderr)

@@ -6,7 +6,9 @@ then builds and loads the emulation; the ops then take CPU tensors. The hooks:
 
 * ``last_plan()``: [reduction width, element-wise width, element-wise across] of the last launch
   of each kind;
-* ``launches()``: kernel launches so far (every ``DBN_LAUNCH``), to count launches per op.
+* ``launches()``: kernel launches so far (every ``DBN_LAUNCH``), to count launches per op;
+* ``torch.ops.dbn.emu_divergent_barrier()``: a kernel whose barrier one thread never reaches,
+  which the emulation must refuse (RuntimeError) rather than hang on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dbn_kernels import _extension, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "emu"
-HOOK_SCHEMAS = {"last_plan": "() -> int[]", "launches": "() -> int"}
+HOOK_SCHEMAS = {"last_plan": "() -> int[]", "launches": "() -> int",
+                "divergent_barrier": "() -> ()"}
 
 
 class CannotBuild(RuntimeError):

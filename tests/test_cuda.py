@@ -273,6 +273,16 @@ def test_invalid_input_leaves_buffers_alone(runner):
     assert k.item() == 7
 
 
+def test_emulation_refuses_a_barrier_one_thread_never_reaches(emulation):
+    """The emulator itself: a kernel where thread 0 returns before the others' __syncthreads
+    (a hang on a GPU) raises instead of waiting forever, and the next launch runs normally."""
+    with pytest.raises(RuntimeError, match="deadlock"):
+        torch.ops.dbn.emu_divergent_barrier()
+    x = make_x((4, 3, 5, 5), torch.float32, "contiguous", "cpu")
+    stats = torch.ops.dbn.emu_batch_stats(x, None)  # rows (count, mean, M2)
+    torch.testing.assert_close(stats[1].double(), x.double().mean(dim=(0, 2, 3)))
+
+
 # ---- GPU only: the modules, torch.compile, CUDA graphs, 64-bit indexing -------------------------
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

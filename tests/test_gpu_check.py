@@ -86,6 +86,14 @@ def test_dry_run_plan_counts_the_cases_of_the_gpu_run(dry_run):
     assert stages["compile"]["cases"] == 2
     assert stages["train-step"]["cases"] == 5
     assert stages["kernels-bf16-b256"]["need"] == "optional"
+    # the fused layers: shapes x layouts x epilogues (relu, add-relu) x providers, fwd-bwd bf16
+    assert stages["kernels-epilogue"]["cases"] == n_shapes * 2 * 2 * 3
+    assert stages["train-step-fused"]["cases"] == 3
+    assert all(stages[name]["need"] == "optional"
+               for name in ("kernels-epilogue", "train-step-fused"))
+    if "paper-resnet18" in stages:  # where torchvision and scikit-learn are installed
+        assert stages["paper-resnet18"]["need"] == "optional"
+        assert stages["paper-resnet18"]["estimate_s"] is None  # not modelled: its whole box
     for stage in stages.values():
         if stage["estimate_s"] is not None:
             assert stage["estimate_s"] * plan["margin"] <= stage["box_s"], stage["name"]
