@@ -135,7 +135,9 @@ def launch(mode: str, data_dir: Path, world: int, backend: str, emulation_dir=No
     port = free_port()
     extra = ["--emulation-dir", str(emulation_dir)] if emulation_dir else []
     extra += ["--device", device]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a rank killed by a signal (a C++ abort in gloo or the compiler) prints
+    # every thread's Python stack, so the failure below says where it died.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     procs = [subprocess.Popen(
         [sys.executable, str(WORKER), mode, str(data_dir), "--rank", str(rank),
          "--world", str(world), "--port", str(port), "--backend", backend, *extra],
@@ -151,8 +153,10 @@ def launch(mode: str, data_dir: Path, world: int, backend: str, emulation_dir=No
     failed = [(rank, p.returncode, out) for rank, (p, out) in enumerate(zip(procs, outputs))
               if p.returncode != 0]
     if failed:
-        pytest.fail("\n".join(f"rank {rank} exited with {rc}:\n{out[-4000:]}"
-                              for rank, rc, out in failed))
+        saved = {rank: (data_dir / f"rank{rank}.pt").exists() for rank in range(world)}
+        pytest.fail("\n".join(
+            f"rank {rank} exited with {rc} ({'after' if saved[rank] else 'before'} saving its "
+            f"results):\n{out[-4000:]}" for rank, rc, out in failed))
     return [torch.load(data_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
