@@ -79,8 +79,10 @@ usage() {
     sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
 }
 
-has_module() {
-    "${PYRUN[@]}" -c "import $1" >/dev/null 2>&1
+has_module() {  # NAME...: are they all installed? Found, not imported: importing torchvision
+                # would import torch, seconds of the run's clock.
+    "${PYRUN[@]}" -c 'import importlib.util as u, sys
+sys.exit(not all(u.find_spec(name) for name in sys.argv[1:]))' "$@" >/dev/null 2>&1
 }
 
 describe_machine() {  # the env stage: what the run ran on, beyond what each JSON records
@@ -397,12 +399,8 @@ if has_module pytest_timeout; then PYTEST+=(--timeout "$TEST_TIMEOUT_S"); fi
 if has_module xdist; then PYTEST+=(-n "$TEST_WORKERS"); fi
 HAS_MATPLOTLIB=0
 if has_module matplotlib; then HAS_MATPLOTLIB=1; fi
-# Found, not imported: importing torchvision would import torch, seconds of the run's clock.
 HAS_PAPER_DEPS=0
-if "${PYRUN[@]}" -c 'import importlib.util as u, sys
-sys.exit(not all(u.find_spec(m) for m in ("torchvision", "sklearn")))' 2>/dev/null; then
-    HAS_PAPER_DEPS=1
-fi
+if has_module torchvision sklearn; then HAS_PAPER_DEPS=1; fi
 BUILD=(env "TORCH_CUDA_ARCH_LIST=$ARCH" "MAX_JOBS=$JOBS" DBN_KERNELS_REQUIRE_CUDA_BUILD=1
        "$PY" -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps
        -e .)

@@ -15,7 +15,6 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -147,7 +146,10 @@ class FiberStacks {
   ~FiberStacks() { release(); }
 
  private:
-  static size_t page_bytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+  static size_t page_bytes() {  // asked once: stack() runs per thread per block
+    static const size_t bytes = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return bytes;
+  }
   static size_t slot_bytes() { return kStackBytes + page_bytes(); }
   void release() {
     if (base_ != nullptr) munmap(base_, count_ * slot_bytes());
@@ -227,7 +229,7 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&... args
   BlockState state(threads);
   block_state = &state;
   fiber_stacks.reserve(threads);
-  fibers.resize(std::max<size_t>(fibers.size(), threads));
+  if (fibers.size() < threads) fibers.resize(threads);
   for (unsigned t = 0; t < threads; ++t) {
     fibers[t].index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
   }
